@@ -1,0 +1,92 @@
+"""Command line: argv -> the commands of the product."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _run(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
+    from proxy import config as cfg
+    from proxy import tls
+    from proxy.logs import start_logging
+    from proxy.service import Sidecar, install_signal_handlers
+    from proxy.systemd import Notifier, listen_fds
+
+    try:
+        config = cfg.load(args.config)
+    except cfg.ConfigError as e:
+        for f in e.findings:
+            print(f"mtls-sidecar: {f}", file=sys.stderr)
+        return 2
+    environ = dict(os.environ)
+    inherited = listen_fds(os.environ, os.getpid, unset=True)
+    notifier = Notifier(environ)
+    sidecar = Sidecar(config, reactor, notifier=notifier)
+    try:
+        sidecar.build()
+    except tls.MaterialError as e:
+        print(f"mtls-sidecar: {config.path}: {e}", file=sys.stderr)
+        return 2
+    start_logging(config.service.log_format)
+    result = {"code": 0}
+
+    def started() -> None:
+        try:
+            sidecar.start(inherited)
+        except Exception as e:
+            print(f"mtls-sidecar: cannot listen: {e}", file=sys.stderr)
+            result["code"] = 2
+            reactor.stop()  # type: ignore[attr-defined]
+            return
+        install_signal_handlers(reactor, sidecar, lambda code: result.update(code=code))
+        from proxy.systemd import watchdog_interval
+
+        interval = watchdog_interval(environ)
+        if interval:
+            from twisted.internet import task
+
+            task.LoopingCall(notifier.watchdog).start(interval / 2)
+
+    reactor.callWhenRunning(started)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return result["code"]
+
+
+def _check(args: argparse.Namespace) -> int:
+    from proxy.checkcmd import run_check
+
+    return run_check(args.config, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtls-sidecar",
+        description="Mutual-TLS sidecar: plain HTTP on localhost <-> mutual TLS to a partner.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run every route of the config in the foreground")
+    run.add_argument("-c", "--config", required=True, help="TOML config file")
+    run.set_defaults(func=_run)
+    check = sub.add_parser("check", help="validate a config and its key material")
+    check.add_argument("-c", "--config", required=True, help="TOML config file")
+    check.add_argument("--json", action="store_true", help="findings as JSON (for monitoring)")
+    check.set_defaults(func=_check)
+    from proxy import csrcmd
+
+    csrcmd.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,623 @@
+"""TOML file -> frozen, validated attrs objects. Every mistake names the file and the key.
+
+Parsing collects every finding instead of stopping at the first, so `check` can report them all
+at once; `load()` raises ConfigError carrying the list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+
+T = TypeVar("T")
+
+PROFILES = ("d1", "generic")
+IDENTITY_FAMILIES = ("client-cert", "xfcc", "x-client")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+_UNITS |= {"ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@attrs.frozen
+class Finding:
+    level: str  # "error" | "warning" | "info"
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else self.file
+        return f"{self.level}: {where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, findings: list[Finding]) -> None:
+        self.findings = findings
+        super().__init__("; ".join(str(f) for f in findings))
+
+
+@attrs.frozen
+class Listen:
+    """Where a route listens: TCP host:port, a unix socket path, or a systemd-passed socket."""
+
+    kind: str  # "tcp" | "unix" | "systemd"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    name: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "tcp":
+            return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"{self.kind}:{self.path or self.name}"
+
+
+@attrs.frozen
+class Upstream:
+    scheme: str  # "http" | "https"
+    host: str
+    port: int
+    base_path: str  # "" or "/prefix" without trailing slash
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}{self.base_path}"
+
+
+@attrs.frozen
+class Limits:
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_connections: int = 1024
+
+
+@attrs.frozen
+class Timeouts:
+    connect: float = 5.0  # TCP connect + TLS handshake toward the upstream
+    response: float = 30.0  # request fully sent -> response head; also max silence in a body
+    header: float = 10.0  # first byte of a request -> complete request head
+    idle: float = 60.0  # downstream keep-alive idle
+    pool_idle: float = 15.0  # an idle pooled upstream connection is closed after this
+
+
+@attrs.frozen
+class EgressOAuth:
+    token_url: str
+    issuer: str
+    signing_key: Path
+    key_id: str
+    audience: str | None = None
+    body: str = "form"
+    authorization: str = "replace"  # or "keep": leave the app's own Authorization header
+
+
+@attrs.frozen
+class EgressRoute:
+    name: str
+    listen: Listen
+    upstream: Upstream
+    client_cert: Path
+    client_key: Path
+    trust: Path | None  # None: the Mozilla bundle (certifi)
+    max_connection_age: float = 60.0
+    profile: str = "d1"
+    env: str | None = None  # "PPR" | "PRD": the D1 environment the client cert must name
+    server_name: str | None = None  # SNI and the name verified, when not the upstream host
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+    pool_max_idle: int = 64
+    oauth: EgressOAuth | None = None
+    direction: str = "egress"
+
+
+@attrs.frozen
+class IngressOAuth:
+    clients_file: Path
+    token_path: str = "/oauth2/token"
+    token_lifetime: float = 900.0
+
+
+@attrs.frozen
+class IngressRoute:
+    name: str
+    listen: Listen
+    server_cert: Path
+    server_key: Path
+    client_ca: Path
+    upstream: Upstream
+    allow_subjects: tuple[str, ...] = ()
+    identity_headers: tuple[str, ...] = IDENTITY_FAMILIES
+    upstream_trust: Path | None = None  # for an https internal upstream; None: Mozilla bundle
+    profile: str = "d1"
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+    pool_max_idle: int = 64
+    max_connection_age: float = 300.0
+    oauth: IngressOAuth | None = None
+    direction: str = "ingress"
+
+
+@attrs.frozen
+class AdminConfig:
+    listen: Listen
+
+
+@attrs.frozen
+class ServiceConfig:
+    drain_timeout: float = 20.0
+    reload_interval: float = 10.0  # seconds between checks of key-material files; 0 = off
+    expiry_warning_days: float = 30.0
+    nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver (getaddrinfo)
+    log_format: str = "json"
+    access_log: bool = True
+
+
+@attrs.frozen
+class Config:
+    path: Path
+    service: ServiceConfig
+    admin: AdminConfig | None
+    egress: tuple[EgressRoute, ...]
+    ingress: tuple[IngressRoute, ...]
+
+    def routes(self) -> tuple[EgressRoute | IngressRoute, ...]:
+        return (*self.egress, *self.ingress)
+
+
+# --------------------------------------------------------------------------- scalar parsers
+class _Bad(Exception):
+    """A value is wrong; the message says how. The reader adds file and key."""
+
+
+def parse_size(value: object) -> int:
+    if isinstance(value, bool):
+        raise _Bad("expected a size in bytes or a string like '10MiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise _Bad("must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = (m.group(2) or "").lower()
+            return int(float(m.group(1)) * _UNITS[unit])
+    raise _Bad(f"expected a size in bytes or a string like '10MiB', got {value!r}")
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad(f"expected seconds as a number, got {value!r}")
+    if value < 0:
+        raise _Bad("must not be negative")
+    return float(value)
+
+
+def parse_listen(value: object, default_host: str) -> Listen:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"{default_host}:{value}"
+    if not isinstance(value, str) or not value:
+        raise _Bad(f"expected 'host:port', 'unix:PATH' or 'systemd:NAME', got {value!r}")
+    if value.startswith("unix:"):
+        return Listen("unix", path=value[5:])
+    if value.startswith("systemd:"):
+        if not value[8:]:
+            raise _Bad("systemd: needs the socket's FileDescriptorName")
+        return Listen("systemd", name=value[8:])
+    if value.isdigit():
+        return Listen("tcp", host=default_host, port=_port(value))
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:]+):(\d+)$", value)
+    if not m:
+        raise _Bad(f"expected 'host:port' (IPv6 as '[::1]:port'), got {value!r}")
+    return Listen("tcp", host=m.group(1), port=_port(m.group(2)))
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise _Bad(f"port {port} out of range")
+    return port
+
+
+def parse_upstream(value: object, schemes: tuple[str, ...]) -> Upstream:
+    if not isinstance(value, str):
+        raise _Bad(f"expected a URL like 'https://host[:port][/base]', got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise _Bad(f"scheme must be {' or '.join(schemes)}, got {value!r}")
+    if not parts.hostname:
+        raise _Bad(f"no host in {value!r}")
+    if parts.query or parts.fragment or parts.username:
+        raise _Bad("no query, fragment or credentials allowed in the upstream URL")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
+# --------------------------------------------------------------------------- table reader
+class _Reader:
+    """Reads keys of one TOML table, remembering which were used, collecting findings."""
+
+    def __init__(self, loader: _Loader, table: Mapping[str, Any], prefix: str) -> None:
+        self.loader, self.table, self.prefix = loader, table, prefix
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> None:
+        self.loader.add("error", self.key(name), message)
+
+    def get(self, name: str, parse: Callable[[object], T], default: T | None = None) -> T | None:
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        try:
+            return parse(self.table[name])
+        except _Bad as e:
+            self.error(name, str(e))
+            return default
+
+    def require(self, name: str, parse: Callable[[object], T]) -> T | None:
+        if name not in self.table:
+            self.used.add(name)
+            self.error(name, "missing (required)")
+            return None
+        return self.get(name, parse)
+
+    def sub(self, name: str) -> _Reader | None:
+        self.used.add(name)
+        value = self.table.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self.error(name, "expected a table")
+            return None
+        return _Reader(self.loader, value, self.key(name))
+
+    def finish(self) -> None:
+        for name in self.table:
+            if name not in self.used:
+                self.error(name, "unknown key")
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"expected true or false, got {value!r}")
+    return value
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Bad(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in choices:
+            raise _Bad(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Bad("expected a list of strings")
+    return tuple(value)
+
+
+def _route_name(value: object) -> str:
+    text = _str(value)
+    if not _NAME.match(text):
+        raise _Bad("use 1-64 letters, digits, '.', '_' or '-'")
+    return text
+
+
+class _Loader:
+    def __init__(self, path: Path, environ: Mapping[str, str]) -> None:
+        self.path = path
+        self.base = path.parent
+        self.environ = environ
+        self.findings: list[Finding] = []
+
+    def add(self, level: str, key: str, message: str) -> None:
+        self.findings.append(Finding(level, str(self.path), key, message))
+
+    def file(self, value: object) -> Path:
+        """A key-material path: relative to the config's folder; 'file:' prefix and
+        ${CREDENTIALS_DIRECTORY} (systemd LoadCredential=) understood; must be readable."""
+        text = _str(value).removeprefix("file:")
+        if "${CREDENTIALS_DIRECTORY}" in text or "$CREDENTIALS_DIRECTORY" in text:
+            creds = self.environ.get("CREDENTIALS_DIRECTORY")
+            if not creds:
+                raise _Bad(f"{text!r} names $CREDENTIALS_DIRECTORY, which is not set")
+            text = text.replace("${CREDENTIALS_DIRECTORY}", creds)
+            text = text.replace("$CREDENTIALS_DIRECTORY", creds)
+        path = (self.base / os.path.expanduser(text)).absolute()
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise _Bad(f"cannot read {path}: {e.strerror or e}") from None
+        return path
+
+    def limits(self, r: _Reader) -> Limits:
+        d = Limits()
+        return Limits(
+            max_header_bytes=r.get("max_header_bytes", parse_size, d.max_header_bytes)
+            or d.max_header_bytes,
+            max_headers=r.get("max_headers", _int, d.max_headers) or d.max_headers,
+            max_body_bytes=r.get("max_body_bytes", parse_size, d.max_body_bytes)
+            or d.max_body_bytes,
+            max_connections=r.get("max_connections", _int, d.max_connections) or d.max_connections,
+        )
+
+    def timeouts(self, r: _Reader) -> Timeouts:
+        d = Timeouts()
+        values: dict[str, float] = {}
+        for field, key in (
+            ("connect", "connect_timeout"),
+            ("response", "response_timeout"),
+            ("header", "header_timeout"),
+            ("idle", "idle_timeout"),
+            ("pool_idle", "pool_idle_timeout"),
+        ):
+            value = r.get(key, parse_duration, getattr(d, field))
+            if value == 0:
+                r.error(key, "must be greater than 0")
+                value = getattr(d, field)
+            values[field] = value
+        return Timeouts(**values)
+
+    def egress(self, table: Mapping[str, Any], index: int) -> EgressRoute | None:
+        r = _Reader(self, table, f"egress[{index}]")
+        name = r.require("name", _route_name)
+        if name:
+            r.prefix = f"egress[{index}] ({name})"
+        listen = r.require("listen", lambda v: parse_listen(v, "127.0.0.1"))
+        upstream = r.require("upstream", lambda v: parse_upstream(v, ("https",)))
+        cert = r.require("client_cert", self.file)
+        key = r.require("client_key", self.file)
+        trust = r.get("trust", self.file)
+        profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
+        env = r.get("env", _choice("PPR", "PRD"))
+        server_name = r.get("server_name", _str)
+        age = r.get("max_connection_age", parse_duration, 60.0)
+        if age == 0:
+            r.error("max_connection_age", "must be greater than 0")
+        pool_max_idle = r.get("pool_max_idle", _int, 64)
+        limits, timeouts = self.limits(r), self.timeouts(r)
+        oauth = None
+        o = r.sub("oauth")
+        if o is not None:
+            oauth = self.egress_oauth(o)
+        r.finish()
+        if None in (name, listen, upstream, cert, key) or (o is not None and oauth is None):
+            return None
+        assert name and listen and upstream and cert and key
+        return EgressRoute(
+            name=name,
+            listen=listen,
+            upstream=upstream,
+            client_cert=cert,
+            client_key=key,
+            trust=trust,
+            max_connection_age=age or 60.0,
+            profile=profile,
+            env=env,
+            server_name=server_name,
+            limits=limits,
+            timeouts=timeouts,
+            pool_max_idle=pool_max_idle if pool_max_idle is not None else 64,
+            oauth=oauth,
+        )
+
+    def egress_oauth(self, r: _Reader) -> EgressOAuth | None:
+        token_url = r.require("token_url", _str)
+        if token_url is not None and urlsplit(token_url).scheme != "https":
+            r.error("token_url", "must be an https:// URL")
+            token_url = None
+        issuer = r.require("issuer", _str)
+        key = r.require("signing_key", self.file)
+        kid = r.require("key_id", _str)
+        audience = r.get("audience", _str)
+        body = r.get("body", _choice("form", "json"), "form") or "form"
+        authz = r.get("authorization", _choice("replace", "keep"), "replace") or "replace"
+        r.finish()
+        if None in (token_url, issuer, key, kid):
+            return None
+        assert token_url and issuer and key and kid
+        return EgressOAuth(token_url, issuer, key, kid, audience, body, authz)
+
+    def ingress(self, table: Mapping[str, Any], index: int) -> IngressRoute | None:
+        r = _Reader(self, table, f"ingress[{index}]")
+        name = r.require("name", _route_name)
+        if name:
+            r.prefix = f"ingress[{index}] ({name})"
+        listen = r.require("listen", lambda v: parse_listen(v, "0.0.0.0"))
+        cert = r.require("server_cert", self.file)
+        key = r.require("server_key", self.file)
+        client_ca = r.require("client_ca", self.file)
+        upstream = r.require("upstream", lambda v: parse_upstream(v, ("http", "https")))
+        allow = r.get("allow_subjects", _str_list, ())
+        families = r.get("identity_headers", _str_list, IDENTITY_FAMILIES)
+        for family in families or ():
+            if family not in IDENTITY_FAMILIES:
+                r.error(
+                    "identity_headers",
+                    f"unknown family {family!r}; known: client-cert, xfcc, x-client",
+                )
+        upstream_trust = r.get("upstream_trust", self.file)
+        profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
+        pool_max_idle = r.get("pool_max_idle", _int, 64)
+        age = r.get("max_connection_age", parse_duration, 300.0)
+        limits, timeouts = self.limits(r), self.timeouts(r)
+        oauth = None
+        o = r.sub("oauth")
+        if o is not None:
+            oauth = self.ingress_oauth(o)
+        r.finish()
+        if None in (name, listen, cert, key, client_ca, upstream) or (
+            o is not None and oauth is None
+        ):
+            return None
+        assert name and listen and cert and key and client_ca and upstream
+        return IngressRoute(
+            name=name,
+            listen=listen,
+            server_cert=cert,
+            server_key=key,
+            client_ca=client_ca,
+            upstream=upstream,
+            allow_subjects=allow or (),
+            identity_headers=tuple(f for f in families or () if f in IDENTITY_FAMILIES),
+            upstream_trust=upstream_trust,
+            profile=profile,
+            limits=limits,
+            timeouts=timeouts,
+            pool_max_idle=pool_max_idle if pool_max_idle is not None else 64,
+            max_connection_age=age or 300.0,
+            oauth=oauth,
+        )
+
+    def ingress_oauth(self, r: _Reader) -> IngressOAuth | None:
+        clients = r.require("clients_file", self.file)
+        path = r.get("token_path", _str, "/oauth2/token") or "/oauth2/token"
+        if not path.startswith("/"):
+            r.error("token_path", "must start with '/'")
+        lifetime = r.get("token_lifetime", parse_duration, 900.0) or 900.0
+        r.finish()
+        return IngressOAuth(clients, path, lifetime) if clients else None
+
+    def service(self, root: _Reader) -> ServiceConfig:
+        d = ServiceConfig()
+        log = root.sub("log")
+        fmt, access = d.log_format, d.access_log
+        if log:
+            fmt = log.get("format", _choice("json", "text"), fmt) or fmt
+            access = bool(log.get("access", _bool, access))
+            log.finish()
+        svc = root.sub("service")
+        drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
+        if svc:
+            drain = svc.get("drain_timeout", parse_duration, drain) or drain
+            reload_s = svc.get("reload_interval", parse_duration, reload_s)
+            warn = svc.get("expiry_warning_days", parse_duration, warn) or warn
+            svc.finish()
+        servers: list[tuple[str, int]] = []
+        res = root.sub("resolver")
+        if res:
+            for i, text in enumerate(res.get("nameservers", _str_list, ()) or ()):
+                try:
+                    ns = parse_listen(text if ":" in text else f"{text}:53", "")
+                    servers.append((ns.host, ns.port))
+                except _Bad as e:
+                    res.error(f"nameservers[{i}]", str(e))
+            res.finish()
+        return ServiceConfig(
+            drain_timeout=drain,
+            reload_interval=reload_s if reload_s is not None else d.reload_interval,
+            expiry_warning_days=warn,
+            nameservers=tuple(servers),
+            log_format=fmt,
+            access_log=access,
+        )
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate the file's syntax, types, keys and file paths (not key material)."""
+    config, findings = parse(path, environ)
+    errors = [f for f in findings if f.level == "error"]
+    if errors or config is None:
+        raise ConfigError(errors or findings)
+    return config
+
+
+def parse(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> tuple[Config | None, list[Finding]]:
+    p = Path(path).absolute()
+    loader = _Loader(p, os.environ if environ is None else environ)
+    try:
+        data = tomllib.loads(p.read_text("utf-8"))
+    except OSError as e:
+        loader.add("error", "", f"cannot read: {e.strerror or e}")
+        return None, loader.findings
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        loader.add("error", "", f"not valid TOML: {e}")
+        return None, loader.findings
+    root = _Reader(loader, data, "")
+    service = loader.service(root)
+    admin = None
+    a = root.sub("admin")
+    if a:
+        listen = a.require("listen", lambda v: parse_listen(v, "127.0.0.1"))
+        a.finish()
+        admin = AdminConfig(listen) if listen else None
+    egress: list[EgressRoute] = []
+    ingress: list[IngressRoute] = []
+    for section, build, out in (
+        ("egress", loader.egress, egress),
+        ("ingress", loader.ingress, ingress),
+    ):
+        root.used.add(section)
+        tables = data.get(section, [])
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            root.error(section, f"expected [[{section}]] tables")
+            continue
+        for i, table in enumerate(tables):
+            route = build(table, i)
+            if route is not None:
+                out.append(route)  # type: ignore[arg-type]
+    root.finish()
+    _check_unique(loader, egress, ingress, admin)
+    if not egress and not ingress and not any(f.level == "error" for f in loader.findings):
+        loader.add("error", "", "no [[egress]] or [[ingress]] route defined")
+    config = Config(p, service, admin, tuple(egress), tuple(ingress))
+    return config, loader.findings
+
+
+def _check_unique(
+    loader: _Loader,
+    egress: list[EgressRoute],
+    ingress: list[IngressRoute],
+    admin: AdminConfig | None,
+) -> None:
+    names: set[str] = set()
+    listens: dict[str, str] = {}
+    items: list[tuple[str, Listen]] = [(f"{r.direction} {r.name}", r.listen) for r in egress]
+    items += [(f"{r.direction} {r.name}", r.listen) for r in ingress]
+    if admin:
+        items.append(("admin", admin.listen))
+    for route in (*egress, *ingress):
+        if route.name in names:
+            loader.add("error", f"{route.direction} ({route.name}).name", "duplicate route name")
+        names.add(route.name)
+    for label, listen in items:
+        where = str(listen)
+        if where in listens and listen.port != 0:
+            loader.add("error", f"{label}.listen", f"{where} is also used by {listens[where]}")
+        listens[where] = label

@@ -1,0 +1,141 @@
+"""HTTP/1.1 framing shared by both directions: heads, hop-by-hop rules, JSON errors.
+
+Parsing itself is httptools (llhttp), which already refuses obs-fold, NUL/CR in values, bad
+header names, duplicate Content-Length and Content-Length with Transfer-Encoding. This module adds
+what a proxy needs on top and re-frames every message it forwards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from http import HTTPStatus
+
+import attrs
+
+# name (lower-case) -> original-case name and value, in arrival order
+Header = tuple[bytes, bytes, bytes]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",  # re-framed by us, never passed through
+    }
+)
+
+# Methods whose request has no body unless framed; CONNECT is refused (never a tunnel).
+REFUSED_METHODS = frozenset({b"CONNECT"})
+
+
+@attrs.define(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    version: bytes  # b"1.1" or b"1.0"
+    headers: list[Header]
+    content_length: int | None  # None: no Content-Length
+    chunked: bool
+    keep_alive: bool
+
+    def get(self, lname: bytes) -> bytes | None:
+        for name, _orig, value in self.headers:
+            if name == lname:
+                return value
+        return None
+
+
+@attrs.frozen
+class ProxyError(Exception):
+    """An error the sidecar answers itself, as JSON."""
+
+    status: int
+    code: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.detail}"
+
+
+def error_body(err: ProxyError, route: str) -> bytes:
+    return json.dumps(
+        {"error": err.code, "detail": err.detail, "route": route}, ensure_ascii=True
+    ).encode()
+
+
+def error_response(
+    err: ProxyError, route: str, *, keep_alive: bool, extra: Iterable[tuple[bytes, bytes]] = ()
+) -> bytes:
+    body = error_body(err, route)
+    lines = [
+        b"HTTP/1.1 %d %s" % (err.status, _reason(err.status)),
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Cache-Control: no-store",
+    ]
+    lines += [name + b": " + value for name, value in extra]
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def connection_tokens(headers: list[Header]) -> frozenset[bytes]:
+    """Header names listed in Connection (they are hop-by-hop too)."""
+    tokens: set[bytes] = set()
+    for name, _orig, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def is_hop_by_hop(name: bytes, listed: frozenset[bytes]) -> bool:
+    return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in listed
+
+
+def check_request_framing(head: RequestHead) -> None:
+    """What llhttp lets through but a proxy must refuse (request smuggling, tunnels)."""
+    te = head.get(b"transfer-encoding")
+    if te is not None:
+        if head.version != b"1.1":
+            raise ProxyError(400, "bad_request", "Transfer-Encoding is not allowed in HTTP/1.0")
+        if te.strip().lower() != b"chunked":
+            raise ProxyError(400, "bad_request", "only 'Transfer-Encoding: chunked' is accepted")
+    if head.method in REFUSED_METHODS:
+        raise ProxyError(405, "method_not_allowed", "CONNECT is not supported: not a tunnel")
+
+
+def serialize_request(
+    method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]], framing: bytes
+) -> bytes:
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (framing, b"\r\n")
+    return b"".join(parts)
+
+
+def framing_for(content_length: int | None, chunked: bool) -> bytes:
+    """Framing header lines (each ending in CRLF) of a message we forward."""
+    if chunked:
+        return b"Transfer-Encoding: chunked\r\n"
+    if content_length is not None:
+        return b"Content-Length: %d\r\n" % content_length
+    return b""
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

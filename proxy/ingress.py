@@ -1,0 +1,131 @@
+"""Ingress: mutual TLS from the partner -> plain HTTP to the internal app, with the verified
+client identity in headers the app can trust (every client-sent copy is removed first)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from cryptography import x509
+from twisted.python.failure import Failure
+
+from proxy import identity
+from proxy.config import IngressRoute as IngressConfig
+from proxy.http import ProxyError, RequestHead, connection_tokens, is_hop_by_hop
+from proxy.relay import Downstream, Exchange
+from proxy.route import Route
+
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"expect"})
+
+
+@attrs.frozen
+class Peer:
+    """The verified client of one TLS connection, computed once at the handshake."""
+
+    leaf: x509.Certificate
+    subject: str
+    allowed: bool
+    headers: tuple[tuple[bytes, bytes], ...]
+
+
+def handshake_reason(down: Downstream, reason: Failure) -> str:
+    """A short label for a failed ingress handshake (metrics and logs)."""
+    verify = getattr(down, "verify_error", None) or ""
+    text = reason.getErrorMessage().lower()
+    if "expired" in verify:
+        return "certificate_expired"
+    if "not yet valid" in verify:
+        return "certificate_not_yet_valid"
+    if verify:
+        return "certificate_untrusted"
+    if "peer did not return a certificate" in text or "certificate required" in text:
+        return "no_client_certificate"
+    if "version" in text or "protocol" in text:
+        return "protocol_version"
+    if "cipher" in text:
+        return "no_shared_cipher"
+    return "handshake_failed"
+
+
+class Ingress(Route):
+    direction = "ingress"
+
+    def __init__(self, config: IngressConfig, *, token_endpoint: Any = None, **kw: Any) -> None:
+        super().__init__(name=config.name, limits=config.limits, timeouts=config.timeouts, **kw)
+        self.config = config
+        self.base_path = config.upstream.base_path.encode()
+        self.token_endpoint = token_endpoint
+
+    def handshake_completed(self, down: Downstream) -> None:
+        conn = down.transport.getHandle()  # type: ignore[attr-defined]
+        chain = conn.get_verified_chain(as_cryptography=True) or []
+        if not chain:
+            leaf = conn.get_peer_certificate(as_cryptography=True)
+            chain = [leaf] if leaf is not None else []
+        if not chain:
+            return
+        leaf = chain[0]
+        patterns = self.config.allow_subjects
+        allowed = identity.subject_matches(leaf, patterns) if patterns else True
+        down.peer = Peer(
+            leaf=leaf,
+            subject=identity.rfc4514_subject(leaf),
+            allowed=allowed,
+            headers=tuple(identity.identity_headers(chain, self.config.identity_headers)),
+        )
+
+    def connection_closed(self, down: Downstream, reason: Failure) -> None:
+        if down.peer is None and not reason.check(type(None)):
+            label = handshake_reason(down, reason)
+            if label != "handshake_failed" or "SSL" in repr(reason.value):
+                self.metrics.handshake_errors.labels(self.name, label).inc()
+                self.log.info(
+                    "{route}: TLS handshake from {client} refused: {reason} ({detail})",
+                    route=self.name,
+                    client=down.peer_host,
+                    reason=label,
+                    detail=getattr(down, "verify_error", None) or reason.getErrorMessage(),
+                )
+        super().connection_closed(down, reason)
+
+    def prepare(self, head: RequestHead, down: Downstream) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        peer: Peer | None = down.peer
+        if peer is None:
+            raise ProxyError(403, "forbidden", "no verified client certificate")
+        if not peer.allowed:
+            self.log.warn(
+                "{route}: client subject {subject} refused: not in allow_subjects",
+                route=self.name,
+                subject=peer.subject,
+            )
+            raise ProxyError(403, "forbidden", "client certificate subject is not allowed")
+        if not head.target.startswith(b"/"):
+            raise ProxyError(400, "bad_request", "request target must be origin-form (/path)")
+        if self.token_endpoint is not None:
+            self.token_endpoint.check(head)
+        listed = connection_tokens(head.headers)
+        out: list[tuple[bytes, bytes]] = []
+        has_host = False
+        for lname, name, value in head.headers:
+            if identity.is_identity_header(lname) or lname in FORWARDED:
+                continue
+            if is_hop_by_hop(lname, listed):
+                continue
+            if lname == b"host":
+                has_host = True
+            out.append((name, value))
+        if not has_host:
+            out.append((b"Host", self.config.upstream.authority.encode("idna")))
+        out.extend(peer.headers)
+        out.append((b"X-Forwarded-For", down.peer_host.encode()))
+        out.append((b"X-Forwarded-Proto", b"https"))
+        return self.base_path + head.target, out
+
+    def error_headers(self, err: ProxyError) -> list[tuple[bytes, bytes]]:
+        if err.status == 401:
+            return [(b"WWW-Authenticate", b'Bearer realm="mtls-sidecar"')]
+        return []
+
+    def access_fields(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
+        peer: Peer | None = down.peer
+        return {"peer_subject": peer.subject} if peer is not None else {}
