@@ -562,7 +562,7 @@ class TokenSource:
         self._not_before = self._clock.seconds() + delay
         self._last_error = error
         if self._stopped:
-            pass
+            next_attempt = "the route is stopping"
         elif error.retryable:
             self._schedule(delay)
             next_attempt = f"retrying in {delay:.1f} s"

@@ -77,6 +77,7 @@ class Nginx:
         conf.write_text(
             textwrap.dedent(
                 f"""
+                {"user root;" if os.geteuid() == 0 else ""}
                 worker_processes 1;
                 daemon off;
                 pid {d}/nginx.pid;
@@ -175,3 +176,38 @@ def running(*things: Nginx | Sidecar) -> Iterator[None]:
     finally:
         for thing in reversed(things):
             thing.stop()
+
+
+@attrs.define
+class Peer:
+    """A helper server script from tests/peers that prints 'LISTENING <port>'."""
+
+    args: Sequence[str]
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def start(self) -> Peer:
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("LISTENING"):
+            self.stop()
+            raise RuntimeError(f"peer {self.args[0]} did not start: {line!r}")
+        self.port = int(line.split()[1])
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            if self.proc.stdout:
+                self.proc.stdout.close()
+
+
+PEERS = Path(__file__).parent / "peers"
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
