@@ -24,7 +24,7 @@ class _Ready(Resource):
     isLeaf = True
 
     def __init__(self, sidecar: Sidecar) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.sidecar = sidecar
 
     def render_GET(self, request: Request) -> bytes:
@@ -42,7 +42,7 @@ class _Metrics(Resource):
     isLeaf = True
 
     def __init__(self, sidecar: Sidecar) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.sidecar = sidecar
 
     def render_GET(self, request: Request) -> bytes:
@@ -53,7 +53,7 @@ class _Metrics(Resource):
 
 def admin_site(sidecar: Sidecar) -> Any:
     root = Resource()
-    root.putChild(b"healthz", _Health())
+    root.putChild(b"healthz", _Health())  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", _Ready(sidecar))
     root.putChild(b"metrics", _Metrics(sidecar))
     site = Site(root)

@@ -212,6 +212,8 @@ def parse_listen(value: object, default_host: str) -> Listen:
     if not isinstance(value, str) or not value:
         raise _Bad(f"expected 'host:port', 'unix:PATH' or 'systemd:NAME', got {value!r}")
     if value.startswith("unix:"):
+        if not value[5:]:
+            raise _Bad("unix: needs a socket path")
         return Listen("unix", path=value[5:])
     if value.startswith("systemd:"):
         if not value[8:]:
@@ -366,14 +368,19 @@ class _Loader:
 
     def limits(self, r: _Reader) -> Limits:
         d = Limits()
-        return Limits(
-            max_header_bytes=r.get("max_header_bytes", parse_size, d.max_header_bytes)
-            or d.max_header_bytes,
-            max_headers=r.get("max_headers", _int, d.max_headers) or d.max_headers,
-            max_body_bytes=r.get("max_body_bytes", parse_size, d.max_body_bytes)
-            or d.max_body_bytes,
-            max_connections=r.get("max_connections", _int, d.max_connections) or d.max_connections,
-        )
+        values: dict[str, int] = {}
+        for key, parse, minimum in (
+            ("max_header_bytes", parse_size, 1024),
+            ("max_headers", _int, 1),
+            ("max_body_bytes", parse_size, 0),  # 0: no request body accepted
+            ("max_connections", _int, 1),
+        ):
+            value = r.get(key, parse, None)
+            if value is not None and value < minimum:
+                r.error(key, f"must be at least {minimum}")
+                value = None
+            values[key] = getattr(d, key) if value is None else value
+        return Limits(**values)
 
     def timeouts(self, r: _Reader) -> Timeouts:
         d = Timeouts()
@@ -385,11 +392,11 @@ class _Loader:
             ("idle", "idle_timeout"),
             ("pool_idle", "pool_idle_timeout"),
         ):
-            value = r.get(key, parse_duration, getattr(d, field))
+            value = r.get(key, parse_duration, None)
             if value == 0:
                 r.error(key, "must be greater than 0")
-                value = getattr(d, field)
-            values[field] = value
+                value = None
+            values[field] = getattr(d, field) if value is None else value
         return Timeouts(**values)
 
     def egress(self, table: Mapping[str, Any], index: int) -> EgressRoute | None:
@@ -462,8 +469,10 @@ class _Loader:
         key = r.require("server_key", self.file)
         client_ca = r.require("client_ca", self.file)
         upstream = r.require("upstream", lambda v: parse_upstream(v, ("http", "https")))
-        allow = r.get("allow_subjects", _str_list, ())
-        families = r.get("identity_headers", _str_list, IDENTITY_FAMILIES)
+        allow: tuple[str, ...] | None = r.get("allow_subjects", _str_list, None)
+        families: tuple[str, ...] | None = r.get("identity_headers", _str_list, None)
+        if families is None:
+            families = IDENTITY_FAMILIES
         for family in families or ():
             if family not in IDENTITY_FAMILIES:
                 r.error(
@@ -524,13 +533,14 @@ class _Loader:
         drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
         if svc:
             drain = svc.get("drain_timeout", parse_duration, drain) or drain
-            reload_s = svc.get("reload_interval", parse_duration, reload_s)
+            reload_s = svc.get("reload_interval", parse_duration, reload_s) or 0.0
             warn = svc.get("expiry_warning_days", parse_duration, warn) or warn
             svc.finish()
         servers: list[tuple[str, int]] = []
         res = root.sub("resolver")
         if res:
-            for i, text in enumerate(res.get("nameservers", _str_list, ()) or ()):
+            listed: tuple[str, ...] = res.get("nameservers", _str_list, None) or ()
+            for i, text in enumerate(listed):
                 try:
                     ns = parse_listen(text if ":" in text else f"{text}:53", "")
                     servers.append((ns.host, ns.port))
@@ -579,6 +589,7 @@ def parse(
         admin = AdminConfig(listen) if listen else None
     egress: list[EgressRoute] = []
     ingress: list[IngressRoute] = []
+    prefixes: dict[int, str] = {}
     for section, build, out in (
         ("egress", loader.egress, egress),
         ("ingress", loader.ingress, ingress),
@@ -592,8 +603,9 @@ def parse(
             route = build(table, i)
             if route is not None:
                 out.append(route)  # type: ignore[arg-type]
+                prefixes[id(route)] = f"{section}[{i}] ({route.name})"
     root.finish()
-    _check_unique(loader, egress, ingress, admin)
+    _check_unique(loader, [*egress, *ingress], prefixes, admin)
     if not egress and not ingress and not any(f.level == "error" for f in loader.findings):
         loader.add("error", "", "no [[egress]] or [[ingress]] route defined")
     config = Config(p, service, admin, tuple(egress), tuple(ingress))
@@ -602,22 +614,23 @@ def parse(
 
 def _check_unique(
     loader: _Loader,
-    egress: list[EgressRoute],
-    ingress: list[IngressRoute],
+    routes: list[EgressRoute | IngressRoute],
+    prefixes: dict[int, str],
     admin: AdminConfig | None,
 ) -> None:
-    names: set[str] = set()
+    names: dict[str, str] = {}
     listens: dict[str, str] = {}
-    items: list[tuple[str, Listen]] = [(f"{r.direction} {r.name}", r.listen) for r in egress]
-    items += [(f"{r.direction} {r.name}", r.listen) for r in ingress]
+    items = [(prefixes[id(r)], r.listen) for r in routes]
     if admin:
         items.append(("admin", admin.listen))
-    for route in (*egress, *ingress):
+    for route in routes:
+        key = prefixes[id(route)]
         if route.name in names:
-            loader.add("error", f"{route.direction} ({route.name}).name", "duplicate route name")
-        names.add(route.name)
-    for label, listen in items:
+            loader.add("error", f"{key}.name", f"duplicate route name (also {names[route.name]})")
+        names.setdefault(route.name, key)
+    for key, listen in items:
         where = str(listen)
-        if where in listens and listen.port != 0:
-            loader.add("error", f"{label}.listen", f"{where} is also used by {listens[where]}")
-        listens[where] = label
+        ephemeral = listen.kind == "tcp" and listen.port == 0
+        if where in listens and not ephemeral:
+            loader.add("error", f"{key}.listen", f"{where} is also used by {listens[where]}")
+        listens.setdefault(where, key)

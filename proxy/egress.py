@@ -48,7 +48,9 @@ class Egress(Route):
             config.oauth.authorization == "replace"
         )
 
-    def prepare(self, head: RequestHead, down: Downstream) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    def prepare(
+        self, head: RequestHead, down: Downstream
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         target = head.target
         if not target.startswith(b"/"):
             target = self._absolute_form(target)
@@ -97,7 +99,8 @@ class Egress(Route):
             return None
         if not self.replace_authorization and ex.head.get(b"authorization") is not None:
             return None
-        return source.headers()
+        headers: defer.Deferred[list[tuple[bytes, bytes]]] = source.headers()
+        return headers
 
     def finished(self, ex: Exchange, down: Downstream) -> None:
         if ex.status == 401 and self.token_source is not None and ex.extra:

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from proxy import identity
 from proxy.config import IngressRoute as IngressConfig
 from proxy.http import ProxyError, RequestHead, connection_tokens, is_hop_by_hop
-from proxy.relay import Downstream, Exchange
+from proxy.relay import Downstream, Exchange, LocalHandler
 from proxy.route import Route
 
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"expect"})
@@ -57,7 +57,7 @@ class Ingress(Route):
         self.token_endpoint = token_endpoint
 
     def handshake_completed(self, down: Downstream) -> None:
-        conn = down.transport.getHandle()  # type: ignore[attr-defined]
+        conn = down.transport.getHandle()
         chain = conn.get_verified_chain(as_cryptography=True) or []
         if not chain:
             leaf = conn.get_peer_certificate(as_cryptography=True)
@@ -88,7 +88,17 @@ class Ingress(Route):
                 )
         super().connection_closed(down, reason)
 
-    def prepare(self, head: RequestHead, down: Downstream) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    def local_handler(self, head: RequestHead, down: Downstream) -> LocalHandler | None:
+        if self.token_endpoint is None:
+            return None
+        self._authorize_peer(down)
+        path = head.target.split(b"?", 1)[0]
+        if path != self.token_endpoint.path:
+            return None
+        handler: LocalHandler = self.token_endpoint.answer
+        return handler
+
+    def _authorize_peer(self, down: Downstream) -> Peer:
         peer: Peer | None = down.peer
         if peer is None:
             raise ProxyError(403, "forbidden", "no verified client certificate")
@@ -99,6 +109,12 @@ class Ingress(Route):
                 subject=peer.subject,
             )
             raise ProxyError(403, "forbidden", "client certificate subject is not allowed")
+        return peer
+
+    def prepare(
+        self, head: RequestHead, down: Downstream
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        peer = self._authorize_peer(down)
         if not head.target.startswith(b"/"):
             raise ProxyError(400, "bad_request", "request target must be origin-form (/path)")
         if self.token_endpoint is not None:

@@ -153,8 +153,9 @@ class OAuthSettings:
     signing_key: ec.EllipticCurvePrivateKey = attrs.field(validator=_is_p256, repr=False)
     key_id: str = attrs.field(validator=_non_empty)  # JWT header kid
     audience: str | None = None  # aud is not published for D1 eCom: sent only when configured
+    # RFC 7523 form encoding by default (as the config file); D1 eCom documents JSON.
     body: Literal["form", "json"] = attrs.field(
-        default="json", validator=attrs.validators.in_(("form", "json"))
+        default="form", validator=attrs.validators.in_(("form", "json"))
     )
     assertion_lifetime: float = attrs.field(default=300.0, validator=_lifetime)
     # Refresh when refresh_fraction (+- refresh_jitter) of expires_in has elapsed, and never
@@ -442,7 +443,7 @@ class TokenSource:
     def invalidate(self, value: str) -> None:
         """The upstream refused ``value`` (401): stop using it, once, and fetch another."""
         current = self._current
-        if current is None or not hmac.compare_digest(current.value, value):
+        if current is None or current.value != value:
             return  # an older token, or already invalidated
         now = self._clock.seconds()
         if now - self._obtained_at < self._settings.invalidate_min_age:
@@ -841,64 +842,64 @@ def load_client_secrets(path: Path) -> dict[str, bytes]:
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+( [\x21\x23-\x5b\x5d-\x7e]+)*")
 
 
-class TokenEndpointResource(Resource):
-    """RFC 6749 client-credentials token endpoint with HTTP Basic client authentication."""
+@attrs.frozen
+class TokenReply:
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
 
-    isLeaf = True
+
+class TokenEndpoint:
+    """RFC 6749 client-credentials token endpoint with HTTP Basic client authentication,
+    independent of any HTTP server: the ingress data path and twisted.web both call it."""
+
     log = Logger()
 
     def __init__(
         self, issuer: TokenIssuer, realm: str = "mtls-sidecar", max_body: int = 16 * 1024
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
         if '"' in realm or "\\" in realm:
             raise ValueError("realm must not contain quotes or backslashes")
-        self._issuer = issuer
-        self._realm = realm
-        self._max_body = max_body
+        self.issuer = issuer
+        self.realm = realm
+        self.max_body = max_body
 
-    def render(self, request: Request) -> bytes:
-        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
-        request.responseHeaders.setRawHeaders(b"pragma", [b"no-cache"])
-        if request.method != b"POST":
-            request.responseHeaders.setRawHeaders(b"allow", [b"POST"])
-            return self._error(request, 405, "invalid_request", "use POST")
-        # twisted.web has read the body already; the cap keeps parsing bounded.
-        body = request.content.read(self._max_body + 1) if request.content is not None else b""
-        if len(body) > self._max_body:
-            return self._error(request, 413, "invalid_request", "request body too large")
-        content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
-        if content_type != b"application/x-www-form-urlencoded":
+    def handle(
+        self, method: bytes, content_type: bytes | None, authorization: bytes | None, body: bytes
+    ) -> TokenReply:
+        if method != b"POST":
+            return self._error(405, "invalid_request", "use POST", ((b"Allow", b"POST"),))
+        if len(body) > self.max_body:
+            return self._error(413, "invalid_request", "request body too large")
+        ctype = (content_type or b"").split(b";")[0].strip().lower()
+        if ctype != b"application/x-www-form-urlencoded":
             return self._error(
-                request,
-                400,
-                "invalid_request",
-                "Content-Type must be application/x-www-form-urlencoded",
+                400, "invalid_request", "Content-Type must be application/x-www-form-urlencoded"
             )
         params = _parse_form(body)
         if params is None:
-            return self._error(request, 400, "invalid_request", "malformed or repeated parameter")
-        candidates = _basic_credentials(request.getHeader(b"authorization"))
+            return self._error(400, "invalid_request", "malformed or repeated parameter")
+        candidates = _basic_credentials(authorization)
         if not candidates:
-            return self._invalid_client(request, None)
+            return self._invalid_client(None)
         for client_id, secret in candidates:
-            if self._issuer.authenticate(client_id, secret):
+            if self.issuer.authenticate(client_id, secret):
                 break
         else:
-            return self._invalid_client(request, candidates[0][0])
+            return self._invalid_client(candidates[0][0])
         grant_type = params.get("grant_type")
         if grant_type is None:
-            return self._error(request, 400, "invalid_request", "grant_type is missing")
+            return self._error(400, "invalid_request", "grant_type is missing")
         if grant_type != "client_credentials":
             return self._error(
-                request, 400, "unsupported_grant_type", "only client_credentials is supported"
+                400, "unsupported_grant_type", "only client_credentials is supported"
             )
         scope = params.get("scope")
         if scope is not None and not _SCOPE.fullmatch(scope):
-            return self._error(request, 400, "invalid_scope", "malformed scope")
-        issued = self._issuer.issue(client_id, secret, scope)
+            return self._error(400, "invalid_scope", "malformed scope")
+        issued = self.issuer.issue(client_id, secret, scope)
         if issued is None:  # the secrets changed between the two calls
-            return self._invalid_client(request, client_id)
+            return self._invalid_client(client_id)
         token, expires_in = issued
         self.log.info(
             "token issued to client {client_id}, valid {expires_in} s",
@@ -906,29 +907,64 @@ class TokenEndpointResource(Resource):
             expires_in=expires_in,
         )
         return self._json(
-            request,
-            200,
-            {"access_token": token, "token_type": "Bearer", "expires_in": expires_in},
+            200, {"access_token": token, "token_type": "Bearer", "expires_in": expires_in}
         )
 
-    def _invalid_client(self, request: Request, client_id: str | None) -> bytes:
+    def _invalid_client(self, client_id: str | None) -> TokenReply:
         self.log.warn(
             "token request refused: invalid_client (client id {client_id})",
             client_id=_clean(client_id, 64) if client_id is not None else "absent",
         )
-        request.responseHeaders.setRawHeaders(
-            b"www-authenticate", [f'Basic realm="{self._realm}"'.encode("ascii")]
-        )
-        return self._error(request, 401, "invalid_client", "client authentication failed")
+        challenge = (b"WWW-Authenticate", f'Basic realm="{self.realm}"'.encode("ascii"))
+        return self._error(401, "invalid_client", "client authentication failed", (challenge,))
 
-    def _error(self, request: Request, status: int, error: str, description: str) -> bytes:
-        return self._json(request, status, {"error": error, "error_description": description})
+    def _error(
+        self,
+        status: int,
+        error: str,
+        description: str,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> TokenReply:
+        return self._json(status, {"error": error, "error_description": description}, extra)
 
     @staticmethod
-    def _json(request: Request, status: int, doc: Mapping[str, object]) -> bytes:
-        request.setResponseCode(status)
-        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
-        return json.dumps(doc, separators=(",", ":")).encode("ascii")
+    def _json(
+        status: int, doc: Mapping[str, object], extra: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> TokenReply:
+        headers = (
+            (b"Content-Type", b"application/json"),
+            (b"Cache-Control", b"no-store"),
+            (b"Pragma", b"no-cache"),
+            *extra,
+        )
+        return TokenReply(status, headers, json.dumps(doc, separators=(",", ":")).encode("ascii"))
+
+
+class TokenEndpointResource(Resource):
+    """The token endpoint as a twisted.web resource (e.g. on a separate listener)."""
+
+    isLeaf = True
+
+    def __init__(
+        self, issuer: TokenIssuer, realm: str = "mtls-sidecar", max_body: int = 16 * 1024
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.endpoint = TokenEndpoint(issuer, realm, max_body)
+
+    def render(self, request: Request) -> bytes:
+        # twisted.web has read the body already; the cap keeps parsing bounded.
+        cap = self.endpoint.max_body + 1
+        body = request.content.read(cap) if request.content is not None else b""
+        reply = self.endpoint.handle(
+            request.method,
+            request.getHeader(b"content-type"),
+            request.getHeader(b"authorization"),
+            body,
+        )
+        request.setResponseCode(reply.status)
+        for name, value in reply.headers:
+            request.responseHeaders.setRawHeaders(name, [value])
+        return reply.body
 
 
 def _parse_form(body: bytes) -> dict[str, str] | None:

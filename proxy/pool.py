@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener, IHostnameResolver, IReactorTCP
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 @implementer(IHandshakeListener)
 class UpstreamConnection(Protocol):
     """One connection to the upstream; parses responses for the exchange attached to it."""
+
+    transport: Any  # TCP, or TLS (ITLSTransport) toward https upstreams
 
     def __init__(self, pool: Pool, address: str, tls_name: str | None, now: float) -> None:
         self.pool = pool
@@ -46,6 +48,7 @@ class UpstreamConnection(Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.paused: set[str] = set()
         self.status = 0
+        self.keep_alive = False
         self.reason = b""
         self.headers: list[tuple[bytes, bytes, bytes]] = []
 
@@ -53,16 +56,16 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self.pool.live.add(self)
-        self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[attr-defined]
+        self.transport.registerProducer(_Backpressure(self), True)
         if self.tls_name is None:
             self._ready()
 
     def handshakeCompleted(self) -> None:
         assert self.tls_name is not None
-        problem = verify_hostname_error(self.transport.getHandle(), self.tls_name)  # type: ignore[attr-defined]
+        problem = verify_hostname_error(self.transport.getHandle(), self.tls_name)
         if problem:
             self.failure_detail = problem
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
             return
         self._ready()
 
@@ -83,11 +86,11 @@ class UpstreamConnection(Protocol):
     def _protocol_error(self, detail: str) -> None:
         ex = self.exchange
         self.exchange = None
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
         if ex is not None:
             ex.upstream_failed(ProxyError(502, "bad_gateway", detail))
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
         self.pool.forget(self)
         if self.ready is not None:
@@ -126,6 +129,7 @@ class UpstreamConnection(Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
         if self.status < 200 or self.exchange is None:
             return  # interim 1xx: not forwarded (Expect is answered by us)
         self.exchange.response_head(self)
@@ -145,25 +149,25 @@ class UpstreamConnection(Protocol):
     # ---- flow control
     def pause(self, reason: str) -> None:
         if not self.paused:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.transport.pauseProducing()
         self.paused.add(reason)
 
     def resume(self, reason: str) -> None:
         if reason in self.paused:
             self.paused.discard(reason)
             if not self.paused and self.connected:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+                self.transport.resumeProducing()
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[attr-defined]
+        self.transport.write(data)
 
     def close(self) -> None:
         if self.connected:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
 
     def abort(self) -> None:
         if self.connected:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
 
 class _Backpressure:

@@ -9,13 +9,14 @@ what to forward, where, and with which headers.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import Any
 
 import httptools
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,6 +36,10 @@ from proxy.pool import UpstreamConnection
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUFFER_HIGH = 64 * 1024
+LOCAL_BODY_LIMIT = 16 * 1024  # bodies answered by the sidecar itself are small forms
+
+# (head, body) -> (status, headers, body): a request the sidecar answers itself
+LocalHandler = Callable[[RequestHead, bytes], tuple[int, Sequence[tuple[bytes, bytes]], bytes]]
 
 
 class Exchange:
@@ -49,6 +54,8 @@ class Exchange:
         "error",
         "extra",
         "head",
+        "headers_out",
+        "local",
         "out_chunked",
         "request_done",
         "response_done",
@@ -60,7 +67,6 @@ class Exchange:
         "up",
         "up_address",
         "up_chunked",
-        "headers_out",
         "waiting",
     )
 
@@ -86,6 +92,7 @@ class Exchange:
         self.headers_out: list[tuple[bytes, bytes]] = []
         self.extra: list[tuple[bytes, bytes]] = []
         self.waiting: defer.Deferred[Any] | None = None
+        self.local: LocalHandler | None = None
 
     # ---- request side
     def start(self) -> None:
@@ -99,11 +106,21 @@ class Exchange:
             limit = self.route.limits.max_body_bytes
             if head.content_length is not None and head.content_length > limit:
                 raise ProxyError(413, "payload_too_large", f"request body over {limit} bytes")
-            self.target, self.headers_out = self.route.prepare(head, self.down)
+            self.local = self.route.local_handler(head, self.down)
+            if self.local is None:
+                self.target, self.headers_out = self.route.prepare(head, self.down)
         except ProxyError as e:
             self.fail(e)
             return
-        if head.get(b"expect") is not None and (head.chunked or head.content_length):
+        if self.local is not None:  # answered by the sidecar itself (e.g. the token endpoint)
+            if self.request_done:
+                self._answer_locally()
+            return
+        if (
+            head.version == b"1.1"
+            and head.get(b"expect") is not None
+            and (head.chunked or head.content_length)
+        ):
             self.down.write(_CONTINUE)
         d = self.route.before_upstream(self)
         if d is None:
@@ -145,7 +162,11 @@ class Exchange:
         framing = (
             b"Transfer-Encoding: chunked\r\n"
             if self.up_chunked
-            else (b"Content-Length: %d\r\n" % head.content_length if head.content_length else b"")
+            else (
+                b"Content-Length: %d\r\n" % head.content_length
+                if head.content_length is not None
+                else b""
+            )
         )
         parts = [head.method, b" ", self.target, b" HTTP/1.1\r\n"]
         for name, value in self.headers_out:
@@ -172,16 +193,29 @@ class Exchange:
         self.body_seen += len(data)
         if self.body_seen > self.route.limits.max_body_bytes:
             self.error = ProxyError(
-                413, "payload_too_large", f"request body over {self.route.limits.max_body_bytes} bytes"
+                413,
+                "payload_too_large",
+                f"request body over {self.route.limits.max_body_bytes} bytes",
             )
             if self.up is not None:  # part of it went out: the upstream must not see the rest
                 up, self.up = self.up, None
                 up.exchange = None
                 up.abort()
-            self.fail(self.error)
+            if self.response_started:  # too late for a 413: the client sees a broken response
+                self.response_done = True
+                self.down.abort(self)
+            else:
+                self.fail(self.error)
+            return
+        if self.local is not None:
+            if self.body_seen > LOCAL_BODY_LIMIT:
+                self.fail(ProxyError(413, "payload_too_large", "request body too large"))
+            elif self.body_buffer is not None:
+                self.body_buffer.append(data)
             return
         if self.up is not None:
             self.up.write(chunk(data) if self.up_chunked else data)
+            self.up.deadline = self.down.clock.seconds() + self.route.timeouts.response
         elif self.body_buffer is not None:
             self.body_buffer.append(data)
             if sum(map(len, self.body_buffer)) > _BUFFER_HIGH:
@@ -189,12 +223,33 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.request_done = True
+        if self.local is not None and not self.response_done:
+            self._answer_locally()
+            return
         if self.up is not None:
             if self.up_chunked:
                 self.up.write(LAST_CHUNK)
             self.up.deadline = self.down.clock.seconds() + self.route.timeouts.response
         if self.response_done:
             self.down.exchange_finished(self)
+
+    def _answer_locally(self) -> None:
+        assert self.local is not None
+        status, headers, body = self.local(self.head, b"".join(self.body_buffer or ()))
+        self.body_buffer = None
+        self.status = status
+        self.response_done = True
+        down = self.down
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"Content-Length: %d\r\n" % len(body))
+        if not down.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts += (b"\r\n", body)
+        down.write(b"".join(parts))
+        self.bytes_out = len(body)
+        down.exchange_finished(self)
 
     # ---- response side (called by UpstreamConnection)
     def response_head(self, up: UpstreamConnection) -> None:
@@ -247,7 +302,7 @@ class Exchange:
         up, self.up = self.up, None
         if up is not None:
             up.deadline = 0.0
-            reusable = self.request_done and not self.close_delimited and up.parser.should_keep_alive()
+            reusable = self.request_done and not self.close_delimited and up.keep_alive
             self.route.pool.release(up, reusable)
         if not self.request_done:
             self.down.keep_alive = False  # the rest of the request body is not read
@@ -334,6 +389,13 @@ class Exchange:
             up.abort()
 
 
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
 class _PausedTransport:
     """Registered on the downstream transport: its write buffer full -> stop reading upstream."""
 
@@ -360,6 +422,8 @@ class _PausedTransport:
 class Downstream(Protocol):
     """A connection from a client (the app for egress, the partner for ingress)."""
 
+    transport: Any  # TCP, or TLS (ITLSTransport) for ingress
+
     def __init__(self, route: Any) -> None:
         self.route = route
         self.clock = route.clock
@@ -384,8 +448,8 @@ class Downstream(Protocol):
 
     def connectionMade(self) -> None:
         self.route.connection_opened(self)
-        self.transport.registerProducer(_PausedTransport(self), True)  # type: ignore[attr-defined]
-        peer = self.transport.getPeer()  # type: ignore[attr-defined]
+        self.transport.registerProducer(_PausedTransport(self), True)
+        peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", "") or "unix"
         self.deadline = self.clock.seconds() + self.route.timeouts.header
 
@@ -398,7 +462,12 @@ class Downstream(Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._bad(ProxyError(400, "bad_request", "protocol upgrade is not supported"))
+            # CONNECT (answered 405) or an Upgrade request (forwarded without its Upgrade
+            # header): the parser cannot go on, so this connection ends after that exchange.
+            self.keep_alive = False
+            self.pause("upgrade")
+            if self.exchange is None:
+                self.transport.loseConnection()
             return
         except httptools.HttpParserError as e:
             self._bad(ProxyError(400, "bad_request", f"malformed HTTP request: {e}"))
@@ -458,6 +527,11 @@ class Downstream(Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
+        limit = self.route.limits.max_header_bytes
+        if self.header_error is None and self.header_bytes + len(self.url) > limit:
+            self.header_error = ProxyError(
+                431, "headers_too_large", f"request head over {limit} bytes"
+            )
         parser = self.parser
         version = parser.get_http_version()
         content_length: int | None = None
@@ -519,7 +593,7 @@ class Downstream(Protocol):
         if self.gone:
             return
         if not self.keep_alive or self.route.draining:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
             return
         if self.queue:
             nxt = self.queue.popleft()
@@ -537,7 +611,7 @@ class Downstream(Protocol):
             self.exchange = None
             self.route.finished(ex, self)
         self.keep_alive = False
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
     def timed_out(self, now: float) -> None:
         self.deadline = 0.0
@@ -555,37 +629,37 @@ class Downstream(Protocol):
                 )
             )
         else:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
 
     def drain(self) -> None:
         """Stop after the exchange in flight; close now if idle."""
         self.keep_alive = False
         if self.exchange is None and not self.in_head:
-            self.transport.loseConnection()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
 
     # ---- transport helpers
     def write(self, data: bytes) -> None:
         if not self.gone:
-            self.transport.write(data)  # type: ignore[attr-defined]
+            self.transport.write(data)
 
     def pause(self, reason: str) -> None:
         if not self.paused and not self.gone:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self.transport.pauseProducing()
         self.paused.add(reason)
 
     def resume(self, reason: str) -> None:
         if reason in self.paused:
             self.paused.discard(reason)
             if not self.paused and not self.gone:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+                self.transport.resumeProducing()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
         ex, self.exchange = self.exchange, None
         if ex is not None:
             ex.abandon()
             if not ex.response_done:
-                ex.status = ex.status or 499
+                ex.status = 499  # the client went away before the response was complete
                 self.route.finished(ex, self)
         for queued in self.queue:
             queued.abandon()

@@ -89,7 +89,7 @@ class DNSResolver:
         portNumber: int = 0,
         addressTypes: object = None,
         transportSemantics: str = "TCP",
-    ) -> IResolutionReceiver:
+    ) -> IHostResolution:
         resolutionReceiver.resolutionBegan(_Resolution(hostName))
 
         def deliver(answers: list[Answer]) -> None:
@@ -102,7 +102,7 @@ class DNSResolver:
             resolutionReceiver.resolutionComplete()
 
         self.answers(hostName).addCallbacks(deliver, failed)
-        return resolutionReceiver
+        return _Resolution(hostName)
 
     def answers(self, host: str) -> defer.Deferred[list[Answer]]:
         """A and AAAA records with their TTLs (used by `probe` too)."""

@@ -14,7 +14,7 @@ from proxy.http import ProxyError, RequestHead, error_response
 from proxy.logs import AccessLog
 from proxy.metrics import Metrics
 from proxy.pool import Pool
-from proxy.relay import Downstream, Exchange
+from proxy.relay import Downstream, Exchange, LocalHandler
 
 
 class Route:
@@ -44,8 +44,14 @@ class Route:
         self._open = metrics.connections_open.labels(name, "downstream")
 
     # ---- policy hooks
-    def prepare(self, head: RequestHead, down: Downstream) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    def prepare(
+        self, head: RequestHead, down: Downstream
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         raise NotImplementedError
+
+    def local_handler(self, head: RequestHead, down: Downstream) -> LocalHandler | None:
+        """A handler when the sidecar answers this request itself; None to forward it."""
+        return None
 
     def before_upstream(self, ex: Exchange) -> defer.Deferred[list[tuple[bytes, bytes]]] | None:
         """Extra headers that need waiting for (an OAuth token); None when nothing to wait on."""
@@ -68,12 +74,13 @@ class Route:
             err = ProxyError(
                 503,
                 "draining" if self.draining else "overloaded",
-                "shutting down" if self.draining
+                "shutting down"
+                if self.draining
                 else f"over {self.limits.max_connections} connections on this route",
             )
             down.keep_alive = False
             down.write(error_response(err, self.name, keep_alive=False))
-            down.transport.loseConnection()  # type: ignore[attr-defined]
+            down.transport.loseConnection()
             down.gone = True
             self.metrics.requests.labels(self.name, self.direction, str(err.status)).inc()
 
@@ -136,7 +143,7 @@ class Route:
 
     def abort_all(self) -> None:
         for down in list(self.connections):
-            down.transport.abortConnection()  # type: ignore[attr-defined]
+            down.transport.abortConnection()
         self.pool.close_all()
 
 

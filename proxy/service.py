@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -229,11 +228,9 @@ class Sidecar:
                 f"listen systemd:{where.name}: no socket of that name was passed "
                 "(FileDescriptorName= in the .socket unit)"
             )
-        fd = fds[0]
-        family = socket.socket(fileno=os.dup(fd)).family
-        port = self.reactor.adoptStreamPort(fd, family, factory)
-        os.close(fd)
-        return port
+        from proxy.systemd import adopt_listener
+
+        return adopt_listener(self.reactor, fds[0], factory)
 
     def _sweep(self) -> None:
         now = self.reactor.seconds()
@@ -268,7 +265,9 @@ class Sidecar:
                     built.append((state, build_server_material(state.config)))
         except tls.MaterialError as e:
             self.metrics.reloads.labels("failure").inc()
-            self.log.error("reload failed, keeping the current key material: {reason}", reason=str(e))
+            self.log.error(
+                "reload failed, keeping the current key material: {reason}", reason=str(e)
+            )
             if self.notifier is not None:
                 self.notifier.ready(f"reload failed: {e}")
             return False
@@ -277,7 +276,7 @@ class Sidecar:
                 assert state.client_tls is not None
                 old = state.client_tls.material.pair
                 state.client_tls.material = material
-                if old is None or old.leaf != material.pair.leaf:
+                if old is None or material.pair is None or old.leaf != material.pair.leaf:
                     state.route.pool.renew()
             else:
                 assert state.server_tls is not None
@@ -293,8 +292,9 @@ class Sidecar:
         gauge = self.metrics.certificate_expiry
         for state in self.routes:
             name = state.config.name
-            if state.client_tls is not None and state.client_tls.material.pair is not None:
-                leaf = state.client_tls.material.pair.leaf
+            pair = state.client_tls.material.pair if state.client_tls is not None else None
+            if pair is not None and isinstance(state.config, cfg.EgressRoute):
+                leaf = pair.leaf
                 gauge.labels(name, "client").set(leaf.not_valid_after_utc.timestamp())
             if state.server_tls is not None:
                 m = state.server_tls.material
@@ -360,7 +360,9 @@ def _reason_label(detail: str) -> str:
     return "handshake_failed"
 
 
-def install_signal_handlers(reactor: Any, sidecar: Sidecar, exit_code: Callable[[int], None]) -> None:
+def install_signal_handlers(
+    reactor: Any, sidecar: Sidecar, exit_code: Callable[[int], None]
+) -> None:
     """SIGHUP reloads; SIGTERM/SIGINT drain then stop; a second one exits at once."""
     state = {"stopping": False}
 
@@ -372,12 +374,17 @@ def install_signal_handlers(reactor: Any, sidecar: Sidecar, exit_code: Callable[
         reactor.callFromThread(_graceful)
 
     def _graceful() -> None:
-        d = sidecar.stop()
-        d.addBoth(lambda _: (exit_code(0), reactor.stop()))
+        def done(_: object) -> None:
+            exit_code(0)
+            reactor.stop()
+
+        sidecar.stop().addBoth(done)
 
     def on_hup(signum: int, frame: object) -> None:
         reactor.callFromThread(sidecar.reload)
 
+    # a parent (e.g. systemd-socket-activate) may hand us these blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)

@@ -243,7 +243,7 @@ def adopt_listener(reactor: _AdoptsStreamPorts, fd: int, factory: Factory) -> IL
             raise ValueError(f"fd {fd} is not a listening socket")
         family = socket.AddressFamily(sock.family)
         # The reactor requires a non-blocking socket; systemd passes blocking ones.
-        pass
+        sock.setblocking(False)
     finally:
         sock.detach()
     port = reactor.adoptStreamPort(fd, family, factory)

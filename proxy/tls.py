@@ -95,9 +95,7 @@ def load_key_pair(
     chain = read_chain(cert_path, cert_what)
     key = read_key(key_path, key_what)
     if not pki.key_matches_cert(key, chain[0]):
-        raise MaterialError(
-            f"{key_what} {key_path}: does not match the certificate in {cert_path}"
-        )
+        raise MaterialError(f"{key_what} {key_path}: does not match the certificate in {cert_path}")
     problem = pki.key_policy_problem(key.public_key(), profile)
     if problem:
         raise MaterialError(f"{key_what} {key_path}: {problem}")
@@ -260,8 +258,9 @@ def verify_hostname_error(conn: SSL.Connection, name: str) -> str | None:
                 names = [str(n.value) for n in san]
             except x509.ExtensionNotFound:
                 names = []
-        return f"hostname mismatch: certificate is for {', '.join(names) or 'no name'}, not {name}" + (
-            "" if names else f" ({e})"
+        return (
+            f"hostname mismatch: certificate is for {', '.join(names) or 'no name'}, not {name}"
+            + ("" if names else f" ({e})")
         )
     return None
 

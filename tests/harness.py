@@ -39,7 +39,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def wait_port(host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
+def wait_port(
+    host: str, port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 15
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -121,7 +123,9 @@ class Sidecar:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
-    def start(self, wait: Sequence[tuple[str, int]] = (), env: dict[str, str] | None = None) -> Sidecar:
+    def start(
+        self, wait: Sequence[tuple[str, int]] = (), env: dict[str, str] | None = None
+    ) -> Sidecar:
         self.log_path = self.config.with_suffix(".log")
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import subprocess
 import time
@@ -41,7 +40,9 @@ class Env:
     ports: dict[str, int]
     nginx: Nginx
 
-    def sidecar(self, name: str, upstream: str, extra: str = "", trust: str = "server-ca.pem") -> tuple[Sidecar, int]:
+    def sidecar(
+        self, name: str, upstream: str, extra: str = "", trust: str = "server-ca.pem"
+    ) -> tuple[Sidecar, int]:
         port = free_port()
         conf = write_config(
             self.dir / f"{name}.toml",
@@ -75,10 +76,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     server_ca.issue("CN=localhost", **names).write(d, "origin")  # type: ignore[arg-type]
     other_ca.issue("CN=localhost", **names).write(d, "wrongca")  # type: ignore[arg-type]
     server_ca.issue(
-        "CN=localhost", not_before=NOW - 30 * DAY, not_after=NOW - DAY, **names  # type: ignore[arg-type]
+        "CN=localhost",
+        not_before=NOW - 30 * DAY,
+        not_after=NOW - DAY,
+        **names,  # type: ignore[arg-type]
     ).write(d, "expired")
     server_ca.issue("CN=elsewhere", dns=("elsewhere.example",), server=True).write(d, "othername")
-    client_ca.issue("C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR", client=True).write(d, "client")
+    client_ca.issue("C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR", client=True).write(
+        d, "client"
+    )
     ports = {k: free_port() for k in ("good", "wrongca", "expired", "othername", "tls11", "plain")}
     (d / "big.bin").write_bytes(b"")
     with (d / "big.bin").open("r+b") as f:
@@ -95,7 +101,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
           {extra}
           location / {{ {body} }}
           location ~ /big$ {{ root {d}; try_files /big.bin =404; }}
-          location ~ /upload {{ client_max_body_size 50m; proxy_pass http://127.0.0.1:{ports["plain"]}; }}
+          location ~ /upload {{
+            client_max_body_size 50m;
+            proxy_pass http://127.0.0.1:{ports["plain"]};
+          }}
         }}"""
 
     servers = (
@@ -122,7 +131,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 @pytest.fixture(scope="module")
 def good(env: Env) -> Iterator[int]:
-    sidecar, port = env.sidecar("d1-ppr", f"https://localhost:{env.ports['good']}/base", "max_body_bytes = \"1MiB\"")
+    sidecar, port = env.sidecar(
+        "d1-ppr", f"https://localhost:{env.ports['good']}/base", 'max_body_bytes = "1MiB"'
+    )
     sidecar.start([("127.0.0.1", port)])
     try:
         yield port
@@ -183,14 +194,28 @@ def test_connect_method_is_refused(good: int) -> None:
 
 
 def test_request_body_over_limit_gets_413(good: int) -> None:
-    r = curl(f"http://127.0.0.1:{good}/upload", "--data-binary", "@-", "-H", "Content-Length: 2000000", "--data", "x")
+    r = curl(
+        f"http://127.0.0.1:{good}/upload",
+        "--data-binary",
+        "@-",
+        "-H",
+        "Content-Length: 2000000",
+        "--data",
+        "x",
+    )
     assert r.status == 413 and json.loads(r.body)["error"] == "payload_too_large"
 
 
 def test_chunked_request_body_over_limit_gets_413(tmp_path: Path, good: int) -> None:
     payload = tmp_path / "p.bin"
     payload.write_bytes(b"y" * (2 * 1024 * 1024))
-    r = curl(f"http://127.0.0.1:{good}/upload", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{payload}")
+    r = curl(
+        f"http://127.0.0.1:{good}/upload",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{payload}",
+    )
     assert r.status == 413
 
 
@@ -199,7 +224,13 @@ def test_body_under_limit_is_forwarded(tmp_path: Path, good: int) -> None:
     payload.write_bytes(b"z" * 500_000)
     r = curl(f"http://127.0.0.1:{good}/upload", "--data-binary", f"@{payload}")
     assert r.status == 200 and r.body.strip() == b"got 500000"
-    r = curl(f"http://127.0.0.1:{good}/upload", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{payload}")
+    r = curl(
+        f"http://127.0.0.1:{good}/upload",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{payload}",
+    )
     assert r.status == 200  # re-framed as chunked toward nginx
 
 
@@ -228,14 +259,17 @@ def test_smuggling_content_length_with_transfer_encoding_is_400(good: int) -> No
 
 
 def test_smuggling_transfer_encoding_other_than_chunked_is_400(good: int) -> None:
-    out = raw(good, b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+    out = raw(
+        good, b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+    )
     assert out.startswith(b"HTTP/1.1 400 ") and b"chunked" in out
 
 
 def test_pipelined_requests_are_answered_in_order(good: int) -> None:
     out = raw(
         good,
-        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
     assert out.count(b"HTTP/1.1 200 OK") == 2
     assert out.index(b"uri=/base/one") < out.index(b"uri=/base/two")
@@ -245,7 +279,15 @@ def test_100_mb_response_streams_in_flat_memory(env: Env, good: int, tmp_path: P
     sidecar_pid = _listener_pid(good)
     rss_before = _rss_mb(sidecar_pid)
     proc = subprocess.Popen(
-        ["curl", "-sS", "-o", str(tmp_path / "out.bin"), "--limit-rate", "40M", f"http://127.0.0.1:{good}/big"]
+        [
+            "curl",
+            "-sS",
+            "-o",
+            str(tmp_path / "out.bin"),
+            "--limit-rate",
+            "40M",
+            f"http://127.0.0.1:{good}/big",
+        ]
     )
     peak = rss_before
     while proc.poll() is None:
@@ -257,7 +299,9 @@ def test_100_mb_response_streams_in_flat_memory(env: Env, good: int, tmp_path: P
 
 
 def _listener_pid(port: int) -> int:
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True
+    ).stdout
     return int(out.split("pid=")[1].split(",")[0])
 
 
@@ -277,7 +321,9 @@ def _rss_mb(pid: int) -> float:
         ("tls11", "TLS handshake failed"),
     ],
 )
-def test_untrusted_or_outdated_origin_gives_502_naming_the_reason(env: Env, origin: str, needle: str) -> None:
+def test_untrusted_or_outdated_origin_gives_502_naming_the_reason(
+    env: Env, origin: str, needle: str
+) -> None:
     sidecar, port = env.sidecar(f"bad-{origin}", f"https://localhost:{env.ports[origin]}")
     with running(sidecar.start([("127.0.0.1", port)])):
         r = curl(f"http://127.0.0.1:{port}/x")
@@ -336,7 +382,9 @@ def test_request_is_never_sent_twice_when_upstream_drops_it(env: Env, tmp_path: 
     assert record.read_bytes().count(b"POST /pay") == 1
 
 
-def test_dns_answer_change_reaches_the_new_address_within_max_connection_age(env: Env, tmp_path: Path) -> None:
+def test_dns_answer_change_reaches_the_new_address_within_max_connection_age(
+    env: Env, tmp_path: Path
+) -> None:
     port = free_port("127.0.0.2")
     cert = env.server_ca.issue("CN=d1.test", dns=("d1.test",), server=True)
     cert.write(tmp_path, "d1test")
@@ -357,18 +405,23 @@ def test_dns_answer_change_reaches_the_new_address_within_max_connection_age(env
     dns_peer = Peer([str(PEERS / "dns_server.py"), "--zone", str(zone)]).start()
     origins = Nginx(tmp_path / "nginx", servers)
     sidecar, sport = env.sidecar(
-        "dns", f"https://d1.test:{port}", "max_connection_age = 1\n" , trust=str(env.dir / "server-ca.pem")
+        "dns",
+        f"https://d1.test:{port}",
+        "max_connection_age = 1\n",
+        trust=str(env.dir / "server-ca.pem"),
     )
-    conf = sidecar.config.read_text() + f'\n[resolver]\nnameservers = ["127.0.0.1:{dns_peer.port}"]\n'
+    conf = (
+        sidecar.config.read_text() + f'\n[resolver]\nnameservers = ["127.0.0.1:{dns_peer.port}"]\n'
+    )
     sidecar.config.write_text(conf)
-    with running(dns_peer, origins.start([("127.0.0.2", port), ("127.0.0.3", port)])):
-        with running(sidecar.start([("127.0.0.1", sport)])):
-            first = curl(f"http://127.0.0.1:{sport}/", "--keepalive-time", "60")
-            assert first.body.strip() == b"origin=127.0.0.2"
-            zone.write_text(json.dumps({"d1.test": {"a": ["127.0.0.3"], "ttl": 1}}))
-            time.sleep(1.5)  # > max_connection_age: the pooled connection must be retired
-            second = curl(f"http://127.0.0.1:{sport}/")
-            assert second.body.strip() == b"origin=127.0.0.3"
+    origins.start([("127.0.0.2", port), ("127.0.0.3", port)])
+    with running(dns_peer, origins), running(sidecar.start([("127.0.0.1", sport)])):
+        first = curl(f"http://127.0.0.1:{sport}/", "--keepalive-time", "60")
+        assert first.body.strip() == b"origin=127.0.0.2"
+        zone.write_text(json.dumps({"d1.test": {"a": ["127.0.0.3"], "ttl": 1}}))
+        time.sleep(1.5)  # > max_connection_age: the pooled connection must be retired
+        second = curl(f"http://127.0.0.1:{sport}/")
+        assert second.body.strip() == b"origin=127.0.0.3"
     queries = (tmp_path / "zone.json.log").read_text()
     assert queries.count("d1.test A") >= 2  # asked again for the new connection
 
@@ -376,9 +429,19 @@ def test_dns_answer_change_reaches_the_new_address_within_max_connection_age(env
 def test_access_log_line_per_request_without_secrets(env: Env) -> None:
     sidecar, port = env.sidecar("logged", f"https://localhost:{env.ports['good']}")
     with running(sidecar.start([("127.0.0.1", port)])):
-        curl(f"http://127.0.0.1:{port}/acct?card=4111", "-H", "Authorization: Bearer sekret-token", "-H", "x-correlation-id: corr-1")
+        curl(
+            f"http://127.0.0.1:{port}/acct?card=4111",
+            "-H",
+            "Authorization: Bearer sekret-token",
+            "-H",
+            "x-correlation-id: corr-1",
+        )
         time.sleep(0.6)
-    lines = [json.loads(x) for x in sidecar.log().splitlines() if x.startswith('{"time"') and '"status"' in x]
+    lines = [
+        json.loads(x)
+        for x in sidecar.log().splitlines()
+        if x.startswith('{"time"') and '"status"' in x
+    ]
     assert len(lines) == 1
     line = lines[0]
     assert line["route"] == "logged" and line["status"] == 200 and line["path"] == "/acct"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
 import selectors
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
 from random import Random
 from typing import Any
@@ -29,6 +33,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.server import Site
+from twisted.web.test.requesthelper import DummyRequest
 
 from proxy.metrics import Metrics
 from proxy.oauth import (
@@ -793,7 +798,7 @@ def test_endpoint_issues_a_bearer_token_with_no_store(endpoint: TokenEndpointRes
     assert doc["token_type"] == "Bearer" and doc["expires_in"] == 900
     assert answer.headers["content-type"] == "application/json"
     assert answer.headers["cache-control"] == "no-store"
-    issuer = endpoint._issuer
+    issuer = endpoint.endpoint.issuer
     assert issuer.check_bearer(b"Bearer " + doc["access_token"].encode()) == "d1-tenant"
 
 
@@ -1002,6 +1007,50 @@ def run_client(peer_files: dict[str, Path], port: int) -> dict[str, Any]:
 
 def stats(peer_files: dict[str, Path]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in peer_files["stats"].read_text().splitlines()]
+
+
+def load_peer_module() -> Any:
+    spec = importlib.util.spec_from_file_location("token_server", TOKEN_SERVER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_stand_in_token_endpoint_checks_what_d1_checks(peer_files: dict[str, Path]) -> None:
+    peer = load_peer_module()
+    server = peer.TokenServer(
+        argparse.Namespace(
+            public_key=str(peer_files["public_key"]),
+            audience=None,
+            expires_in=900,
+            fail_status=None,
+            stats=None,
+        )
+    )
+
+    def call(assertion: str, correlation_id: str = "cid-1") -> tuple[int, dict[str, Any]]:
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.requestHeaders.setRawHeaders(b"x-correlation-id", [correlation_id.encode()])
+        grant = {"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
+        request.content = BytesIO(json.dumps(grant).encode())
+        answer: tuple[int, dict[str, Any]] = server.token_call(request)
+        return answer
+
+    now = time.time()
+    good = make_assertion(oauth_settings(), now, new_jti())
+    assert call(good)[0] == 200
+    assert call(good)[1]["error_description"] == "jti replayed"
+    assert call(make_assertion(oauth_settings(), now, new_jti()), "bad id!")[0] == 400
+    other_key = oauth_settings(signing_key=ec.generate_private_key(ec.SECP256R1()))
+    assert (
+        "InvalidSignature"
+        in call(make_assertion(other_key, now, new_jti()))[1]["error_description"]
+    )
+    future = make_assertion(oauth_settings(), now + 120, new_jti())
+    assert call(future)[1]["error"] == "invalid_grant"
 
 
 @pytest.mark.integration

@@ -353,6 +353,8 @@ def test_adopt_listener_serves_connections_on_a_real_reactor() -> None:
     port = adopt_listener(reactor, fd, protocol.Factory.forProtocol(Echo))
     try:
         assert not is_open(fd)
+        # A blocking listener would hang the reactor in accept(); fail instead.
+        assert fcntl.fcntl(port.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK  # type: ignore[attr-defined]
         with socket.create_connection(address, timeout=5) as client:
             client.setblocking(False)
             client.sendall(b"ping")

@@ -1,0 +1,115 @@
+"""OAuth wired into the routes: the egress token source and the ingress token endpoint."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from proxy import config as cfg
+from proxy import oauth, tls
+from proxy.http import ProxyError, RequestHead
+
+if TYPE_CHECKING:
+    from proxy.service import Sidecar
+
+
+@implementer(IPolicyForHTTPS)
+class _RoutePolicy:
+    """The token call goes over the route's own mutual TLS, with its current material."""
+
+    def __init__(self, client: tls.ClientTLS) -> None:
+        self.client = client
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> tls.ClientTLS:
+        return tls.ClientTLS(self.client.material, hostname.decode("idna"))
+
+
+class EgressToken:
+    """Bearer headers for an egress route's requests, from one shared TokenSource."""
+
+    def __init__(self, source: oauth.TokenSource, token_url: str) -> None:
+        self.source = source
+        self.token_url = token_url
+
+    def headers(self) -> defer.Deferred[list[tuple[bytes, bytes]]]:
+        d = self.source.token()
+        return d.addCallbacks(self._bearer, self._failed)
+
+    @staticmethod
+    def _bearer(token: str) -> list[tuple[bytes, bytes]]:
+        return [(b"Authorization", oauth.authorization_value(token))]
+
+    def _failed(self, failure: Failure) -> list[tuple[bytes, bytes]]:
+        if isinstance(failure.value, oauth.TokenError):
+            raise ProxyError(
+                502, "oauth_token_unavailable", f"token endpoint {self.token_url}: {failure.value}"
+            )
+        failure.raiseException()
+        raise AssertionError("unreachable")
+
+    def rejected(self, sent: list[tuple[bytes, bytes]]) -> None:
+        """The upstream answered 401 to the token we sent: drop it (once)."""
+        for name, value in sent:
+            if name == b"Authorization" and value.startswith(b"Bearer "):
+                self.source.invalidate(value[7:].decode("ascii"))
+
+
+def egress_token_source(
+    sidecar: Sidecar, rc: cfg.EgressRoute, client: tls.ClientTLS
+) -> EgressToken:
+    o = rc.oauth
+    assert o is not None
+    try:
+        key = oauth.load_signing_key(o.signing_key)
+        settings = oauth.OAuthSettings(
+            token_url=o.token_url,
+            issuer=o.issuer,
+            signing_key=key,
+            key_id=o.key_id,
+            audience=o.audience,
+            body=o.body,  # type: ignore[arg-type]
+            authorization_mode=o.authorization,  # type: ignore[arg-type]
+        )
+    except (ValueError, OSError) as e:
+        raise tls.MaterialError(f"oauth.signing_key {o.signing_key}: {e}") from None
+    fetch = oauth.AgentFetcher(
+        sidecar.reactor, o.token_url, _RoutePolicy(client), connect_timeout=rc.timeouts.connect
+    )
+    source = oauth.TokenSource(
+        sidecar.reactor, settings, fetch, metrics=sidecar.metrics, route=rc.name
+    )
+    sidecar.reactor.callWhenRunning(source.start)
+    return EgressToken(source, o.token_url)
+
+
+class IngressTokens:
+    """The token endpoint D1 calls on our side, and the bearer check on the route."""
+
+    def __init__(self, endpoint: oauth.TokenEndpoint, path: str) -> None:
+        self.endpoint = endpoint
+        self.path = path.encode()
+
+    def answer(self, head: RequestHead, body: bytes) -> tuple[int, Any, bytes]:
+        reply = self.endpoint.handle(
+            head.method, head.get(b"content-type"), head.get(b"authorization"), body
+        )
+        return reply.status, reply.headers, reply.body
+
+    def check(self, head: RequestHead) -> None:
+        if self.endpoint.issuer.check_bearer(head.get(b"authorization")) is None:
+            raise ProxyError(401, "unauthorized", "a valid bearer token is required")
+
+
+def ingress_token_endpoint(sidecar: Sidecar, ri: cfg.IngressRoute) -> IngressTokens:
+    o = ri.oauth
+    assert o is not None
+    try:
+        clients = oauth.load_client_secrets(o.clients_file)
+    except (ValueError, OSError) as e:
+        raise tls.MaterialError(f"oauth.clients_file {o.clients_file}: {e}") from None
+    issuer = oauth.TokenIssuer(sidecar.reactor, clients, lifetime=o.token_lifetime)
+    return IngressTokens(oauth.TokenEndpoint(issuer), o.token_path)

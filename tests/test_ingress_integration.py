@@ -1,0 +1,314 @@
+"""Ingress end to end: curl / openssl s_client as D1 -> the sidecar via its CLI -> a recording
+internal app. Certificates are made here; the sidecar trusts only the test's client CA."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from tests.harness import (
+    PEERS,
+    SIDECAR,
+    Peer,
+    Sidecar,
+    curl,
+    free_port,
+    running,
+    wait_port,
+    write_config,
+)
+from tests.pkifactory import DAY, NOW, Issued, make_ca, write_ca
+
+pytestmark = pytest.mark.integration
+
+
+@attrs.frozen
+class Env:
+    dir: Path
+    client_ca: Issued
+    intermediate: Issued
+    server_ca: Issued
+    upstream: Peer
+    record: Path
+
+    def config(self, name: str, port: int, extra: str = "", client_ca: str = "client-ca.pem",
+               listen: str | None = None) -> Path:  # fmt: skip
+        return write_config(
+            self.dir / f"{name}.toml",
+            f"""
+            [log]
+            format = "json"
+            [[ingress]]
+            name = "{name}"
+            listen = "{listen or f"127.0.0.1:{port}"}"
+            server_cert = "server.pem"
+            server_key = "server.key"
+            client_ca = "{client_ca}"
+            upstream = "http://127.0.0.1:{self.upstream.port}"
+            {extra}
+            """,
+        )
+
+    def seen(self) -> list[dict[str, object]]:
+        if not self.record.exists():
+            return []
+        return [json.loads(x) for x in self.record.read_text().splitlines()]
+
+    def mtls(self, port: int, stem: str, *args: str) -> list[str]:
+        return [
+            "--cacert", str(self.dir / "server-ca.pem"),
+            "--cert", str(self.dir / f"{stem}.pem"), "--key", str(self.dir / f"{stem}.key"),
+            *args, f"https://localhost:{port}/merchant-gateways/MGW0000001/notify",
+        ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    d = tmp_path_factory.mktemp("ingress")
+    server_ca = make_ca("C=FR,O=Merchant PKI,CN=Merchant Root")
+    client_root = make_ca("C=FR,O=Thales-like,CN=Thales Root")
+    client_ca = client_root.issue("C=FR,O=Thales-like,CN=Thales Client CA 01", ca=True)
+    other = make_ca("C=US,O=Other,CN=Other CA")
+    write_ca(server_ca, d / "server-ca.pem")
+    (d / "client-ca.pem").write_bytes(client_ca.cert_pem())  # intermediate as the only anchor
+    write_ca(client_root, d / "client-root.pem")
+    server_ca.issue("CN=localhost", dns=("localhost",), ips=("127.0.0.1",), server=True).write(
+        d, "server"
+    )
+    subject = 'C=FR,O=Thales D1 "PPR",OU=TLSMA,CN=d1-client.d1.example'
+    client_ca.issue(
+        subject, client=True, dns=("d1-client.d1.example",), uris=("spiffe://d1/caller",)
+    ).write(d, "d1")
+    client_ca.issue("C=FR,O=Thales D1,CN=d1-client-rotated.d1.example", client=True).write(
+        d, "rotated"
+    )
+    client_ca.issue("C=FR,O=Elsewhere,CN=intruder.example", client=True).write(d, "outsider")
+    other.issue("C=FR,O=Thales D1,CN=d1-client.d1.example", client=True).write(d, "otherca")
+    client_ca.issue(
+        "CN=d1-client.d1.example", client=True, not_before=NOW - 60 * DAY, not_after=NOW - DAY
+    ).write(d, "expired")
+    record = d / "upstream.jsonl"
+    upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(record)]).start()
+    try:
+        yield Env(d, client_ca, client_ca, server_ca, upstream, record)
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def ingress(env: Env) -> Iterator[int]:
+    port = free_port()
+    sidecar = Sidecar(env.config("d1-callbacks", port)).start([("127.0.0.1", port)])
+    try:
+        yield port
+    finally:
+        sidecar.stop()
+
+
+def headers_of(seen: dict[str, object]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in seen["headers"]:  # type: ignore[attr-defined]
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+def test_verified_identity_reaches_the_app_exactly(env: Env, ingress: int) -> None:
+    r = curl(*env.mtls(ingress, "d1", "-H", "x-correlation-id: c-1", "--data", '{"a":1}'))
+    assert r.status == 200
+    seen = json.loads(r.body)
+    h = headers_of(seen)
+    pem = (env.dir / "d1.pem").read_bytes()
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificates(pem)[0]
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    assert h["client-cert"] == [f":{base64.b64encode(der).decode()}:"]
+    chain = h["client-cert-chain"][0]
+    assert base64.b64decode(chain.strip(":")) == env.client_ca.cert.public_bytes(
+        serialization.Encoding.DER
+    )
+    xfcc = h["x-forwarded-client-cert"][0]
+    assert xfcc.startswith(f"Hash={hashlib.sha256(der).hexdigest()};")
+    assert 'Subject="CN=d1-client.d1.example,OU=TLSMA,O=Thales D1 \\\\"PPR\\\\",C=FR"' in xfcc or (
+        "Subject=" in xfcc and "d1-client.d1.example" in xfcc
+    )
+    assert "URI=spiffe://d1/caller" in xfcc and "DNS=d1-client.d1.example" in xfcc
+    assert h["x-client-subject"] == [leaf.subject.rfc4514_string()]
+    assert h["x-client-verify"] == ["SUCCESS"]
+    assert h["x-client-fingerprint-sha256"] == [hashlib.sha256(der).hexdigest()]
+    assert h["x-client-serial"][0].lstrip("0") == f"{leaf.serial_number:X}".lstrip("0")
+    assert h["x-forwarded-proto"] == ["https"]
+    assert h["x-forwarded-for"] == ["127.0.0.1"]
+    assert h["x-correlation-id"] == ["c-1"]
+    assert seen["body_len"] == 7 and seen["path"] == "/merchant-gateways/MGW0000001/notify"
+
+
+def test_spoofed_identity_headers_never_reach_the_app(env: Env, ingress: int) -> None:
+    r = curl(
+        *env.mtls(
+            ingress, "d1",
+            "-H", "X-Forwarded-Client-Cert: Hash=deadbeef;Subject=\"CN=admin\"",
+            "-H", "Client-Cert: :AAAA:",
+            "-H", "Client-Cert-Chain: :BBBB:",
+            "-H", "X-Client-Subject: CN=admin",
+            "-H", "X-Client-Verify: SUCCESS",
+            "-H", "X-Client-Role: root",
+            "-H", "X-Forwarded-For: 6.6.6.6",
+        )
+    )  # fmt: skip
+    assert r.status == 200
+    h = headers_of(json.loads(r.body))
+    assert (
+        len(h["x-forwarded-client-cert"]) == 1 and "deadbeef" not in h["x-forwarded-client-cert"][0]
+    )
+    assert h["client-cert"] != [":AAAA:"] and len(h["client-cert"]) == 1
+    assert "BBBB" not in h["client-cert-chain"][0]
+    assert h["x-client-subject"] == ['CN=d1-client.d1.example,OU=TLSMA,O=Thales D1 \\"PPR\\",C=FR']
+    assert "x-client-role" not in h
+    assert h["x-forwarded-for"] == ["127.0.0.1"]
+
+
+def test_no_client_certificate_is_refused_at_the_handshake(env: Env, ingress: int) -> None:
+    before = len(env.seen())
+    r = curl("--cacert", str(env.dir / "server-ca.pem"), f"https://localhost:{ingress}/x")
+    assert r.returncode != 0 and r.status == 0
+    assert len(env.seen()) == before
+
+
+@pytest.mark.parametrize("stem", ["otherca", "expired"])
+def test_wrong_ca_or_expired_client_certificate_is_refused(
+    env: Env, ingress: int, stem: str
+) -> None:
+    before = len(env.seen())
+    r = curl(*env.mtls(ingress, stem))
+    assert r.returncode != 0 and r.status == 0
+    assert len(env.seen()) == before
+
+
+def test_tls_1_1_is_refused(env: Env, ingress: int) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{ingress}", "-tls1_1",
+         "-cert", str(env.dir / "d1.pem"), "-key", str(env.dir / "d1.key"),
+         "-CAfile", str(env.dir / "server-ca.pem"), "-cipher", "DEFAULT@SECLEVEL=0"],
+        input=b"", capture_output=True, timeout=10,
+    )  # fmt: skip
+    text = (out.stdout + out.stderr).decode(errors="replace")
+    assert out.returncode != 0
+    assert (
+        "Cipher is (NONE)" in text or "protocol version" in text or "no protocols available" in text
+    )
+
+
+def test_tls_1_2_with_client_certificate_is_accepted(env: Env, ingress: int) -> None:
+    r = curl(*env.mtls(ingress, "d1", "--tls-max", "1.2"))
+    assert r.status == 200
+
+
+def test_openssl_s_client_sees_only_http11_alpn_and_the_client_ca_name(
+    env: Env, ingress: int
+) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{ingress}", "-alpn", "h2,http/1.1",
+         "-cert", str(env.dir / "d1.pem"), "-key", str(env.dir / "d1.key"),
+         "-CAfile", str(env.dir / "server-ca.pem")],
+        input=b"", capture_output=True, timeout=10,
+    )  # fmt: skip
+    text = out.stdout.decode(errors="replace")
+    assert "ALPN protocol: http/1.1" in text
+    assert "Thales Client CA 01" in text.split("Acceptable client certificate CA names")[1][:400]
+
+
+def test_rotated_client_certificate_from_the_same_ca_just_works(env: Env, ingress: int) -> None:
+    r = curl(*env.mtls(ingress, "rotated"))
+    assert r.status == 200
+    assert headers_of(json.loads(r.body))["x-client-subject"] == [
+        "CN=d1-client-rotated.d1.example,O=Thales D1,C=FR"
+    ]
+
+
+def test_subject_outside_allow_subjects_gets_403_and_nothing_is_forwarded(env: Env) -> None:
+    port = free_port()
+    conf = env.config("gated", port, 'allow_subjects = ["CN=*.d1.example"]')
+    sidecar = Sidecar(conf).start([("127.0.0.1", port)])
+    with running(sidecar):
+        before = len(env.seen())
+        refused = curl(*env.mtls(port, "outsider"))
+        assert refused.status == 403
+        assert json.loads(refused.body) == {
+            "error": "forbidden",
+            "detail": "client certificate subject is not allowed",
+            "route": "gated",
+        }
+        assert len(env.seen()) == before
+        assert curl(*env.mtls(port, "d1")).status == 200
+        time.sleep(0.6)
+    assert "CN=intruder.example" in sidecar.log()
+
+
+def test_only_enabled_identity_families_are_set(env: Env) -> None:
+    port = free_port()
+    conf = env.config("xfcc-only", port, 'identity_headers = ["xfcc"]')
+    with running(Sidecar(conf).start([("127.0.0.1", port)])):
+        r = curl(*env.mtls(port, "d1", "-H", "X-Client-Subject: CN=admin"))
+    h = headers_of(json.loads(r.body))
+    assert "x-forwarded-client-cert" in h
+    assert "client-cert" not in h and "x-client-subject" not in h
+
+
+def test_handshake_errors_are_counted_by_reason(env: Env) -> None:
+    port, admin = free_port(), free_port()
+    conf = env.config("counted", port)
+    conf.write_text(conf.read_text() + f'\n[admin]\nlisten = "127.0.0.1:{admin}"\n')
+    with running(Sidecar(conf).start([("127.0.0.1", port), ("127.0.0.1", admin)])):
+        curl(*env.mtls(port, "expired"))
+        curl(*env.mtls(port, "otherca"))
+        assert curl(*env.mtls(port, "d1")).status == 200
+        metrics = curl(f"http://127.0.0.1:{admin}/metrics").body.decode()
+    assert (
+        'mtls_sidecar_tls_handshake_errors_total{reason="certificate_expired",route="counted"} 1.0'
+        in metrics
+    )
+    assert (
+        "mtls_sidecar_tls_handshake_errors_total"
+        '{reason="certificate_untrusted",route="counted"} 1.0' in metrics
+    )
+    assert (
+        'mtls_sidecar_requests_total{code="200",direction="ingress",route="counted"} 1.0' in metrics
+    )
+    assert (
+        'mtls_sidecar_certificate_expiry_timestamp_seconds{role="server",route="counted"}'
+        in metrics
+    )
+
+
+def test_systemd_socket_activation_hands_over_the_listener(env: Env) -> None:
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate not installed")
+    port = free_port()
+    conf = env.config("activated", port, listen="systemd:d1-callbacks")
+    log = (env.dir / "activated.log").open("wb")
+    proc = subprocess.Popen(
+        [activate, "-l", f"127.0.0.1:{port}", "--fdname=d1-callbacks",
+         SIDECAR, "run", "-c", str(conf)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_port("127.0.0.1", port, proc)
+        r = curl(*env.mtls(port, "d1"))
+        assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    assert "activated: ingress listening on" in (env.dir / "activated.log").read_text()
