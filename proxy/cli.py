@@ -63,6 +63,12 @@ def _check(args: argparse.Namespace) -> int:
     return run_check(args.config, as_json=args.json)
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from proxy.probecmd import run_probe
+
+    return run_probe(args.config, args.route, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtls-sidecar",
@@ -76,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, help="TOML config file")
     check.add_argument("--json", action="store_true", help="findings as JSON (for monitoring)")
     check.set_defaults(func=_check)
+    probe = sub.add_parser("probe", help="dial an egress route's upstream as `run` would")
+    probe.add_argument("-c", "--config", required=True, help="TOML config file")
+    probe.add_argument("route", nargs="?", help="egress route name (default: every egress route)")
+    probe.add_argument("--json", action="store_true", help="results as JSON")
+    probe.set_defaults(func=_probe)
     from proxy import csrcmd
 
     csrcmd.register(sub)

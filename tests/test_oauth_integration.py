@@ -1,0 +1,267 @@
+"""OAuth end to end: the sidecar fetches D1-style tokens over mutual TLS from a token endpoint
+run by the test (which checks the ES256 assertion like D1), and hosts one for D1's calls to us."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from proxy import pki
+from tests.harness import PEERS, Nginx, Peer, Sidecar, curl, free_port, running, write_config
+from tests.pkifactory import make_ca, write_ca
+
+pytestmark = pytest.mark.integration
+
+
+@attrs.frozen
+class Env:
+    dir: Path
+    origin_port: int
+    nginx: Nginx
+
+    def mtls(self) -> list[str]:
+        d = self.dir
+        return ["--cacert", str(d / "server-ca.pem"), "--cert", str(d / "client.pem"),
+                "--key", str(d / "client.key")]  # fmt: skip
+
+    def token_server(self, stats: Path, *extra: str) -> Peer:
+        d = self.dir
+        return Peer(
+            [str(PEERS / "token_server.py"), "--port", "0", "--cert", str(d / "origin.pem"),
+             "--key", str(d / "origin.key"), "--client-ca", str(d / "client-ca.pem"),
+             "--public-key", str(d / "oauth.pub"), "--stats", str(stats), *extra]
+        ).start()  # fmt: skip
+
+    def egress(self, name: str, token_port: int, extra: str = "") -> tuple[Sidecar, int]:
+        port = free_port()
+        conf = write_config(
+            self.dir / f"{name}.toml",
+            f"""
+            [[egress]]
+            name = "{name}"
+            listen = "127.0.0.1:{port}"
+            upstream = "https://localhost:{self.origin_port}"
+            client_cert = "client.pem"
+            client_key = "client.key"
+            trust = "server-ca.pem"
+              [egress.oauth]
+              token_url = "https://localhost:{token_port}/authz/v1/oauth2/token"
+              issuer = "MGW0000001"
+              signing_key = "oauth.key"
+              key_id = "kid-ppr-1"
+              body = "json"
+              {extra}
+            """,
+        )
+        return Sidecar(conf), port
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    d = tmp_path_factory.mktemp("oauth")
+    server_ca = make_ca("C=FR,O=Origin PKI,CN=Origin Root")
+    client_ca = make_ca("C=FR,O=Thales-like,CN=Client CA")
+    write_ca(server_ca, d / "server-ca.pem")
+    write_ca(client_ca, d / "client-ca.pem")
+    names = {"dns": ("localhost",), "ips": ("127.0.0.1",), "server": True}
+    server_ca.issue("CN=localhost", **names).write(d, "origin")  # type: ignore[arg-type]
+    client_ca.issue("C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR", client=True).write(
+        d, "client"
+    )
+    key = pki.make_oauth_key()
+    (d / "oauth.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (d / "oauth.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    port = free_port()
+    nginx = Nginx(
+        d / "nginx",
+        f"""
+        server {{
+          listen 127.0.0.1:{port} ssl;
+          ssl_certificate {d}/origin.pem;
+          ssl_certificate_key {d}/origin.key;
+          ssl_client_certificate {d}/client-ca.pem;
+          ssl_verify_client on;
+          location /reject {{ return 401 "no"; }}
+          location / {{ return 200 "$http_authorization"; }}
+        }}""",
+    ).start([("127.0.0.1", port)])
+    try:
+        yield Env(d, port, nginx)
+    finally:
+        nginx.stop()
+
+
+def stats(path: Path) -> list[dict[str, object]]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def active(env: Env, token_port: int, bearer: bytes) -> bool:
+    token = bearer.decode().removeprefix("Bearer ")
+    r = curl(*env.mtls(), f"https://localhost:{token_port}/introspect?token={token}")
+    return r.status == 200
+
+
+def test_one_fetch_for_many_concurrent_requests_and_the_app_token_replaced(
+    env: Env, tmp_path: Path
+) -> None:
+    record = tmp_path / "stats.jsonl"
+    tokens = env.token_server(record, "--expires-in", "900")
+    sidecar, port = env.egress("one-fetch", tokens.port)
+    with running(tokens, sidecar.start([("127.0.0.1", port)])):
+        url = f"http://127.0.0.1:{port}/v1/cards"
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(
+                pool.map(lambda _: curl(url, "-H", "Authorization: Bearer app-own"), range(40))
+            )
+        assert {r.status for r in results} == {200}
+        sent = {r.body for r in results}
+        assert len(sent) == 1 and next(iter(sent)).startswith(b"Bearer ")
+        assert b"app-own" not in next(iter(sent))
+        assert active(env, tokens.port, next(iter(sent)))
+        time.sleep(0.6)
+    calls = stats(record)
+    assert len(calls) == 1
+    assert calls[0]["ok"] is True and calls[0]["kid"] == "kid-ppr-1"
+    assert calls[0]["iss"] == "MGW0000001"
+    token = next(iter(sent)).decode().removeprefix("Bearer ")
+    assert token not in sidecar.log()
+
+
+def test_keep_mode_leaves_the_apps_own_authorization(env: Env, tmp_path: Path) -> None:
+    tokens = env.token_server(tmp_path / "stats.jsonl")
+    sidecar, port = env.egress("keep", tokens.port, 'authorization = "keep"')
+    with running(tokens, sidecar.start([("127.0.0.1", port)])):
+        own = curl(f"http://127.0.0.1:{port}/", "-H", "Authorization: Bearer app-own")
+        injected = curl(f"http://127.0.0.1:{port}/")
+    assert own.body == b"Bearer app-own"
+    assert injected.body.startswith(b"Bearer ") and injected.body != b"Bearer app-own"
+
+
+def test_token_is_refreshed_before_expiry_with_no_failed_request(env: Env, tmp_path: Path) -> None:
+    record = tmp_path / "stats.jsonl"
+    tokens = env.token_server(record, "--expires-in", "4")
+    sidecar, port = env.egress("refresh", tokens.port)
+    seen: list[bytes] = []
+    with running(tokens, sidecar.start([("127.0.0.1", port)])):
+        deadline = time.monotonic() + 6.5
+        while time.monotonic() < deadline:
+            r = curl(f"http://127.0.0.1:{port}/")
+            assert r.status == 200, r.body
+            seen.append(r.body)
+            time.sleep(0.1)
+    assert len(stats(record)) >= 2
+    assert len(set(seen)) >= 2  # a new token was in use before the old one expired
+
+
+def test_token_endpoint_answering_400_gives_a_clear_502(env: Env, tmp_path: Path) -> None:
+    record = tmp_path / "stats.jsonl"
+    tokens = env.token_server(record, "--fail-status", "400")
+    sidecar, port = env.egress("refused", tokens.port)
+    with running(tokens, sidecar.start([("127.0.0.1", port)])):
+        time.sleep(0.5)
+        r = curl(f"http://127.0.0.1:{port}/")
+    assert r.status == 502
+    body = json.loads(r.body)
+    assert body["error"] == "oauth_token_unavailable" and body["route"] == "refused"
+    assert "400" in body["detail"] and "invalid_grant" in body["detail"]
+    assert "/authz/v1/oauth2/token" in body["detail"]
+
+
+def test_upstream_401_invalidates_the_token_once(env: Env, tmp_path: Path) -> None:
+    record = tmp_path / "stats.jsonl"
+    tokens = env.token_server(record)
+    sidecar, port = env.egress("invalidate", tokens.port)
+    with running(tokens, sidecar.start([("127.0.0.1", port)])):
+        first = curl(f"http://127.0.0.1:{port}/").body
+        time.sleep(5.2)  # a token younger than 5 s is not dropped on a 401 (no fetch storms)
+        assert curl(f"http://127.0.0.1:{port}/reject").status == 401
+        assert curl(f"http://127.0.0.1:{port}/reject").status == 401
+        time.sleep(0.5)
+        second = curl(f"http://127.0.0.1:{port}/").body
+    assert first != second
+    assert len(stats(record)) == 2
+
+
+# ---------------------------------------------------------------------------- ingress side
+@pytest.fixture(scope="module")
+def hosted(env: Env) -> Iterator[tuple[int, Sidecar]]:
+    record = env.dir / "upstream.jsonl"
+    upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(record)]).start()
+    (env.dir / "clients").write_text("# D1 tenant credentials\nd1-tenant:s3cret-value\n")
+    port = free_port()
+    conf = write_config(
+        env.dir / "ingress.toml",
+        f"""
+        [[ingress]]
+        name = "d1-callbacks"
+        listen = "127.0.0.1:{port}"
+        server_cert = "origin.pem"
+        server_key = "origin.key"
+        client_ca = "client-ca.pem"
+        upstream = "http://127.0.0.1:{upstream.port}"
+          [ingress.oauth]
+          clients_file = "clients"
+          token_path = "/oauth2/token"
+          token_lifetime = 2
+        """,
+    )
+    sidecar = Sidecar(conf).start([("127.0.0.1", port)])
+    try:
+        yield port, sidecar
+    finally:
+        sidecar.stop()
+        upstream.stop()
+
+
+def basic(user: str, secret: str) -> str:
+    return "Authorization: Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
+
+
+def get_token(env: Env, port: int, secret: str) -> tuple[int, dict[str, object]]:
+    r = curl(*env.mtls(), "-H", basic("d1-tenant", secret), "--data", "grant_type=client_credentials",
+             f"https://localhost:{port}/oauth2/token")  # fmt: skip
+    return r.status, json.loads(r.body)
+
+
+def test_hosted_token_endpoint_refuses_a_wrong_secret(
+    env: Env, hosted: tuple[int, Sidecar]
+) -> None:
+    status, body = get_token(env, hosted[0], "wrong")
+    assert status == 401 and body["error"] == "invalid_client"
+
+
+def test_hosted_token_admits_the_call_and_expires(env: Env, hosted: tuple[int, Sidecar]) -> None:
+    port, sidecar = hosted
+    status, body = get_token(env, port, "s3cret-value")
+    assert status == 200 and body["token_type"] == "Bearer" and body["expires_in"] == 2
+    token = str(body["access_token"])
+    url = f"https://localhost:{port}/merchant-gateways/x/notify"
+    refused = curl(*env.mtls(), url)
+    assert refused.status == 401 and json.loads(refused.body)["error"] == "unauthorized"
+    admitted = curl(*env.mtls(), "-H", f"Authorization: Bearer {token}", url)
+    assert admitted.status == 200
+    assert json.loads(admitted.body)["path"] == "/merchant-gateways/x/notify"
+    time.sleep(2.3)
+    expired = curl(*env.mtls(), "-H", f"Authorization: Bearer {token}", url)
+    assert expired.status == 401
+    time.sleep(0.6)
+    log = sidecar.log()
+    assert token not in log and "s3cret-value" not in log
