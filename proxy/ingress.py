@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from cryptography import x509
 from twisted.python.failure import Failure
 
 from proxy import identity
@@ -15,14 +14,14 @@ from proxy.http import ProxyError, RequestHead, connection_tokens, is_hop_by_hop
 from proxy.relay import Downstream, Exchange, LocalHandler
 from proxy.route import Route
 
+PEER_CACHE_SIZE = 256
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"expect"})
 
 
 @attrs.frozen
 class Peer:
-    """The verified client of one TLS connection, computed once at the handshake."""
+    """A verified client certificate, computed once and shared by its connections."""
 
-    leaf: x509.Certificate
     subject: str
     allowed: bool
     headers: tuple[tuple[bytes, bytes], ...]
@@ -55,22 +54,34 @@ class Ingress(Route):
         self.config = config
         self.base_path = config.upstream.base_path.encode()
         self.token_endpoint = token_endpoint
+        self.peers: dict[bytes, Peer] = {}  # leaf SHA-256 -> Peer; cleared on reload
 
     def handshake_completed(self, down: Downstream) -> None:
         conn = down.transport.getHandle()
+        cert = conn.get_peer_certificate()
+        if cert is None:
+            return
+        # A partner uses few certificates for many connections: one Peer per leaf, shared.
+        key = cert.digest("sha256")
+        peer = self.peers.get(key)
+        if peer is None:
+            peer = self._peer(conn)
+            if peer is None:
+                return
+            if len(self.peers) >= PEER_CACHE_SIZE:
+                self.peers.pop(next(iter(self.peers)))
+            self.peers[key] = peer
+        down.peer = peer
+
+    def _peer(self, conn: Any) -> Peer | None:
         chain = conn.get_verified_chain(as_cryptography=True) or []
         if not chain:
-            leaf = conn.get_peer_certificate(as_cryptography=True)
-            chain = [leaf] if leaf is not None else []
-        if not chain:
-            return
+            return None
         leaf = chain[0]
         patterns = self.config.allow_subjects
-        allowed = identity.subject_matches(leaf, patterns) if patterns else True
-        down.peer = Peer(
-            leaf=leaf,
+        return Peer(
             subject=identity.rfc4514_subject(leaf),
-            allowed=allowed,
+            allowed=identity.subject_matches(leaf, patterns) if patterns else True,
             headers=tuple(identity.identity_headers(chain, self.config.identity_headers)),
         )
 

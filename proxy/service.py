@@ -281,6 +281,8 @@ class Sidecar:
             else:
                 assert state.server_tls is not None
                 state.server_tls.material = material
+                if isinstance(state.route, Ingress):
+                    state.route.peers.clear()  # a new client_ca may verify other chains
         self.metrics.reloads.labels("success").inc()
         self._record_expiry()
         self.log.info("key material reloaded")

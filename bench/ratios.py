@@ -1,0 +1,60 @@
+"""Medians over harness runs, the sidecar ("custom") against nginx, with the targets."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# (scenario, test) -> (what, target ratio or limit)
+TARGETS = {
+    ("egress", "c50"): "throughput >= 25% of nginx",
+    ("ingress", "c50"): "throughput >= 25% of nginx",
+    ("egress", "c1"): "p99 <= 1 ms",
+    ("ingress", "c1"): "p99 <= 1 ms",
+    ("ingress", "hs-ecdsa"): "handshakes/s >= 80% of nginx",
+    ("ingress", "hs-rsa"): "handshakes/s >= 80% of nginx",
+}
+
+
+def main(dirs: list[str]) -> None:
+    cells: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for d in dirs:
+        for line in (Path(d) / "results.tsv").read_text().splitlines():
+            f = line.split("\t")
+            _tag, scenario, proxy, _mode, test, rate, _p50, p99, _errs, _cpu, us = f[:11]
+            key = (scenario, test, proxy)
+            for name, value in (("rate", rate), ("p99", p99), ("us", us)):
+                try:
+                    cells[key][name].append(float(value))
+                except ValueError:
+                    pass
+
+    def med(scenario: str, test: str, proxy: str, what: str) -> float:
+        values = cells.get((scenario, test, proxy), {}).get(what, [])
+        return statistics.median(values) if values else float("nan")
+
+    print(f"\nmedians of {len(dirs)} run(s); sidecar = one Python process pinned to one core")
+    head = f"{'scenario':8} {'test':9} {'nginx/s':>9} {'sidecar/s':>9} {'ratio':>6} "
+    head += f"{'nginx p99':>9} {'side p99':>9} {'nginx us':>8} {'side us':>8}  target"
+    print(head)
+    for (scenario, test), target in TARGETS.items():
+        n, s = med(scenario, test, "nginx", "rate"), med(scenario, test, "custom", "rate")
+        ratio = s / n if n else float("nan")
+        sp99 = med(scenario, test, "custom", "p99")
+        if "p99" in target:
+            ok = sp99 <= 1.0
+        else:
+            need = 0.25 if "25%" in target else 0.8
+            ok = ratio >= need
+        print(
+            f"{scenario:8} {test:9} {n:9.0f} {s:9.0f} {ratio:6.2f} "
+            f"{med(scenario, test, 'nginx', 'p99'):9.3f} {sp99:9.3f} "
+            f"{med(scenario, test, 'nginx', 'us'):8.0f} {med(scenario, test, 'custom', 'us'):8.0f}"
+            f"  {target}: {'met' if ok else 'NOT met'}"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

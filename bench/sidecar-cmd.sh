@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# bench/sidecar-cmd.sh egress|ingress -- the sidecar as the benchmark harness's "custom" proxy.
+# The harness (run.sh) exports PKI paths: CLIENT_CERT CLIENT_KEY SERVER_CA CLIENT_CA SERVER_CERT
+# SERVER_KEY. Writes a config for that scenario and execs the sidecar in the foreground.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+conf=$(mktemp -d)/bench.toml
+ACCESS_LOG=${ACCESS_LOG:-false}
+case ${1:?egress|ingress} in
+  egress) cat >"$conf" <<CONF
+[log]
+format = "json"
+access = $ACCESS_LOG
+[[egress]]
+name = "bench-egress"
+listen = "127.0.0.1:8080"
+upstream = "https://localhost:9443"
+client_cert = "$CLIENT_CERT"
+client_key = "$CLIENT_KEY"
+trust = "$SERVER_CA"
+profile = "generic"
+max_connection_age = 300
+CONF
+  ;;
+  ingress) cat >"$conf" <<CONF
+[log]
+format = "json"
+access = $ACCESS_LOG
+[[ingress]]
+name = "bench-ingress"
+listen = "127.0.0.1:8443"
+server_cert = "$SERVER_CERT"
+server_key = "$SERVER_KEY"
+client_ca = "$CLIENT_CA"
+upstream = "http://127.0.0.1:9080"
+max_connections = 4096
+CONF
+  ;;
+esac
+exec "$here/.venv/bin/mtls-sidecar" run -c "$conf"
