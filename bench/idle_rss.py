@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import SIDECAR, Peer, PEERS, free_port, stop, wait_port  # noqa: E402
-from tests.pkifactory import make_ca, write_ca  # noqa: E402
+from tests.harness import PEERS, SIDECAR, Peer, free_port, stop, wait_port
+from tests.pkifactory import make_ca, write_ca
 
 N = 1000
 
@@ -61,7 +61,9 @@ max_connections = 2000
         ctx = ssl.create_default_context(cafile=str(d / "server-ca.pem"))
         ctx.load_cert_chain(str(d / "client.pem"), str(d / "client.key"))
         for _ in range(N):
-            s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+            s = ctx.wrap_socket(
+                socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
+            )
             s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             data = b""
             while b"\r\n\r\n" not in data or not data.split(b"\r\n\r\n", 1)[1]:

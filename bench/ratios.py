@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 from collections import defaultdict
@@ -19,17 +20,17 @@ TARGETS = {
 
 
 def main(dirs: list[str]) -> None:
-    cells: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    cells: dict[tuple[str, str, str], dict[str, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for d in dirs:
         for line in (Path(d) / "results.tsv").read_text().splitlines():
             f = line.split("\t")
             _tag, scenario, proxy, _mode, test, rate, _p50, p99, _errs, _cpu, us = f[:11]
             key = (scenario, test, proxy)
             for name, value in (("rate", rate), ("p99", p99), ("us", us)):
-                try:
+                with contextlib.suppress(ValueError):  # "-" where a figure does not apply
                     cells[key][name].append(float(value))
-                except ValueError:
-                    pass
 
     def med(scenario: str, test: str, proxy: str, what: str) -> float:
         values = cells.get((scenario, test, proxy), {}).get(what, [])

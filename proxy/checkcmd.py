@@ -18,6 +18,9 @@ from proxy import pki, tls
 D1_HOST_ENV = {"api.d1-stg.thalescloud.io": "PPR", "api.d1.thalescloud.io": "PRD"}
 
 
+_KEYS = frozenset({"client_cert", "client_key", "server_cert", "server_key", "client_ca", "trust"})
+
+
 def findings_for(
     path: str | Path, now: datetime.datetime | None = None
 ) -> tuple[list[cfg.Finding], cfg.Config | None]:
@@ -50,10 +53,13 @@ def findings_for(
         try:
             fn()
         except tls.MaterialError as e:
-            add("error", key, str(e))
+            # the message starts with the key it is about ("client_key /path: ...")
+            first = str(e).split(" ", 1)[0]
+            prefix = key.rsplit(".", 1)[0]
+            add("error", f"{prefix}.{first}" if first in _KEYS else key, str(e))
 
-    for r in config.egress:
-        prefix = f"egress ({r.name})"
+    for index, r in enumerate(config.egress):
+        prefix = f"egress[{index}] ({r.name})"
 
         def egress_checks(r: cfg.EgressRoute = r, prefix: str = prefix) -> None:
             pair = tls.load_key_pair(
@@ -80,8 +86,8 @@ def findings_for(
 
             guarded(f"{prefix}.oauth.signing_key", oauth_checks)
 
-    for ri in config.ingress:
-        prefix = f"ingress ({ri.name})"
+    for index, ri in enumerate(config.ingress):
+        prefix = f"ingress[{index}] ({ri.name})"
 
         def ingress_checks(r: cfg.IngressRoute = ri, prefix: str = prefix) -> None:
             pair = tls.load_key_pair(

@@ -69,6 +69,12 @@ def _probe(args: argparse.Namespace) -> int:
     return run_probe(args.config, args.route, as_json=args.json)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtls-sidecar",
@@ -87,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("route", nargs="?", help="egress route name (default: every egress route)")
     probe.add_argument("--json", action="store_true", help="results as JSON")
     probe.set_defaults(func=_probe)
+    demo = sub.add_parser("demo", help="both directions on loopback with a throwaway PKI")
+    demo.set_defaults(func=_demo)
     from proxy import csrcmd
 
     csrcmd.register(sub)

@@ -483,6 +483,8 @@ class _Loader:
         profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
         pool_max_idle = r.get("pool_max_idle", _int, 64)
         age = r.get("max_connection_age", parse_duration, 300.0)
+        if age == 0:
+            r.error("max_connection_age", "must be greater than 0")
         limits, timeouts = self.limits(r), self.timeouts(r)
         oauth = None
         o = r.sub("oauth")
@@ -508,7 +510,7 @@ class _Loader:
             limits=limits,
             timeouts=timeouts,
             pool_max_idle=pool_max_idle if pool_max_idle is not None else 64,
-            max_connection_age=age or 300.0,
+            max_connection_age=300.0 if age is None or age == 0 else age,
             oauth=oauth,
         )
 
@@ -517,7 +519,10 @@ class _Loader:
         path = r.get("token_path", _str, "/oauth2/token") or "/oauth2/token"
         if not path.startswith("/"):
             r.error("token_path", "must start with '/'")
-        lifetime = r.get("token_lifetime", parse_duration, 900.0) or 900.0
+        lifetime = r.get("token_lifetime", parse_duration, None)
+        if lifetime == 0:
+            r.error("token_lifetime", "must be greater than 0")
+        lifetime = lifetime or 900.0
         r.finish()
         return IngressOAuth(clients, path, lifetime) if clients else None
 
@@ -532,9 +537,11 @@ class _Loader:
         svc = root.sub("service")
         drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
         if svc:
-            drain = svc.get("drain_timeout", parse_duration, drain) or drain
+            value = svc.get("drain_timeout", parse_duration, None)
+            drain = drain if value is None else value  # 0: close at once on SIGTERM
             reload_s = svc.get("reload_interval", parse_duration, reload_s) or 0.0
-            warn = svc.get("expiry_warning_days", parse_duration, warn) or warn
+            value = svc.get("expiry_warning_days", parse_duration, None)
+            warn = warn if value is None else value  # 0: no expiry warnings
             svc.finish()
         servers: list[tuple[str, int]] = []
         res = root.sub("resolver")

@@ -272,7 +272,7 @@ class Pool:
                 if isinstance(e, error.TimeoutError):
                     self.on_connect("timeout")
                     raise ProxyError(
-                        504, "upstream_timeout", f"connect to {last} timed out"
+                        504, "upstream_timeout", f"connect to {address}:{self.port} timed out"
                     ) from None
                 continue
             self.on_connect("ok")

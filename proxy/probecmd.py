@@ -23,7 +23,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.python.failure import Failure
 
 from proxy import config as cfg
-from proxy import oauth, tls
+from proxy import oauth, pki, tls
 from proxy.http import ProxyError
 from proxy.metrics import Metrics
 from proxy.pool import Pool, UpstreamConnection
@@ -229,7 +229,7 @@ class _Prober:
                 "subject": leaf.subject.rfc4514_string(),
                 "issuer": leaf.issuer.rfc4514_string(),
                 "not_after": leaf.not_valid_after_utc.isoformat(),
-                "key": _describe_key(leaf),
+                "key": pki.describe_key(leaf.public_key()),
             }
         requests = _CertRequests()
         material.context.set_info_callback(requests)
@@ -249,7 +249,7 @@ class _Prober:
     async def _resolve(self, rc: cfg.EgressRoute) -> tuple[DNSReport, list[str]]:
         host, port = rc.upstream.host, rc.upstream.port
         if isIPAddress(host) or isIPv6Address(host):
-            return DNSReport("none", [(host, None)], note="the upstream is an IP address"), [host]
+            return DNSReport("", [(host, None)], note="the upstream is an IP address"), [host]
         started = self.reactor.seconds()
         if self.dns is not None:
             servers = ", ".join(f"{h}:{p}" for h, p in self.config.service.nameservers)
@@ -328,14 +328,15 @@ class _Prober:
         if creator.tcp_at is not None:
             report.tcp_ms = round((creator.tcp_at - started) * 1000, 1)
             report.handshake_ms = self._ms(creator.tcp_at)
-        version = conn.get_protocol_version_name()
-        if version and version != "Unknown":
-            report.tls_version = version
-            report.cipher = conn.get_cipher_name()
-            alpn = conn.get_alpn_proto_negotiated()
-            report.alpn = alpn.decode("ascii", "replace") if alpn else None
         chain = conn.get_peer_cert_chain(as_cryptography=True) or []
         report.peer_chain = [CertFacts.of(c, i == 0) for i, c in enumerate(chain)]
+        cipher = conn.get_cipher_name()
+        # before the ServerHello, OpenSSL names the highest version we offer, not a choice
+        if cipher or chain:
+            report.tls_version = conn.get_protocol_version_name()
+            report.cipher = cipher
+            alpn = conn.get_alpn_proto_negotiated()
+            report.alpn = alpn.decode("ascii", "replace") if alpn else None
         verified = conn.get_verified_chain(as_cryptography=True)
         if verified:
             report.anchor = verified[-1].subject.rfc4514_string()
@@ -363,18 +364,21 @@ class _Prober:
                 report.tcp = e.detail.rsplit(": ", 1)[-1]
             report.tcp_ms = self._ms(started)
             return
-        self._handshake_facts(report, creator, started, requests, completed=False)
-        report.handshake_ms = None
         up = _upstream_of(conn)
         verify_error = up.verify_error if up is not None else None
         detail = up.failure_detail if up is not None else None
+        # a name mismatch is found after a completed handshake (see UpstreamConnection)
+        mismatch = bool(detail and detail.startswith("hostname mismatch"))
+        self._handshake_facts(report, creator, started, requests, completed=mismatch)
+        if not mismatch:
+            report.handshake_ms = None
         if verify_error:
             report.verified = False
             report.verification = f"not trusted: {verify_error}"
             report.handshake = "aborted by us: the server's certificate failed verification"
-        elif detail and detail.startswith("hostname mismatch"):
+        elif mismatch:
             report.verified = False
-            report.verification = detail
+            report.verification = detail or e.detail
             report.handshake = "completed, then closed by us before any request"
         elif e.code == "upstream_timeout":
             report.handshake = detail or e.detail
@@ -399,7 +403,11 @@ class _Prober:
             else:
                 report.verification = "not reached: no server certificate received"
         if report.client_cert_accepted is None:
-            report.client_cert = "client certificate not tested: the handshake failed"
+            report.client_cert = (
+                "client certificate not tested: no request goes to an unverified server"
+                if report.verified is False
+                else "client certificate not tested: the handshake failed"
+            )
 
     async def _ask(self, report: AddressReport, rc: cfg.EgressRoute, conn: Any) -> None:
         """A tiny GET /: any HTTP status means the server let our certificate through."""
@@ -527,12 +535,6 @@ def _sans(cert: x509.Certificate) -> list[str]:
     return out
 
 
-def _describe_key(cert: x509.Certificate) -> str:
-    from proxy import pki
-
-    return pki.describe_key(cert.public_key())
-
-
 def _name_text(name: Any) -> str:
     parts = [f"{k.decode()}={v.decode('utf-8', 'replace')}" for k, v in name.get_components()]
     return ",".join(reversed(parts))  # RFC 4514 order, most specific first
@@ -553,7 +555,7 @@ def _as_json(config: cfg.Config, reports: Sequence[RouteReport]) -> dict[str, An
         dns = None
         if r.dns is not None:
             dns = {
-                "resolver": r.dns.resolver,
+                "resolver": r.dns.resolver or None,
                 "answers": [{"address": a, "ttl": t} for a, t in r.dns.answers],
                 "note": r.dns.note or None,
                 "error": r.dns.error or None,
@@ -601,7 +603,7 @@ def _text(reports: Sequence[RouteReport]) -> str:
         if r.dns is not None:
             d = r.dns
             took = f" in {d.ms:g} ms" if d.ms is not None else ""
-            kv(2, "DNS", f"resolver {d.resolver}{took}")
+            kv(2, "DNS", f"resolver {d.resolver}{took}" if d.resolver else "not asked")
             for addr, ttl in d.answers:
                 kv(4, "answer", f"{addr} ({f'TTL {ttl} s' if ttl is not None else d.note})")
             if d.error:

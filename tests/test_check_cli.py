@@ -82,7 +82,7 @@ def test_good_config_passes_with_days_left(pki_dir: Path) -> None:
     r = check(conf(pki_dir, "good", egress("d1-ppr", "good", "good", 'env = "PPR"')))
     assert r.returncode == 0, r.stdout
     (info,) = r.lines("info")
-    assert f"{pki_dir}/good.toml" in info and "egress (d1-ppr).client_cert" in info
+    assert f"{pki_dir}/good.toml" in info and "egress[0] (d1-ppr).client_cert" in info
     assert re.search(r"\b36[45] days left\b", info), info
     assert not r.lines("error") and r.stdout.rstrip().endswith("OK: 0 error(s)")
 
@@ -127,7 +127,7 @@ def test_key_not_matching_the_certificate(pki_dir: Path) -> None:
     r = check(conf(pki_dir, "mismatch", egress("a", "good", "soon")))
     assert r.returncode == 1
     (error,) = r.lines("error")
-    assert "egress (a)" in error and "client_key" in error and "soon.key" in error
+    assert "egress[0] (a)" in error and "client_key" in error and "soon.key" in error
     assert "does not match the certificate" in error and "good.pem" in error
 
 
@@ -135,7 +135,7 @@ def test_expired_client_certificate_is_an_error(pki_dir: Path) -> None:
     r = check(conf(pki_dir, "expired", egress("a", "expired", "expired")))
     assert r.returncode == 1
     (error,) = r.lines("error")
-    assert "egress (a).client_cert" in error and "expired.pem" in error
+    assert "egress[0] (a).client_cert" in error and "expired.pem" in error
     assert re.search(r"expired [12] days ago", error), error
 
 
@@ -149,7 +149,7 @@ def test_certificate_expiring_within_the_warning_window_is_a_warning(pki_dir: Pa
     r = check(path)
     assert r.returncode == 0, r.stdout
     (warning,) = r.lines("warning")
-    assert "egress (a).client_cert" in warning and re.search(r"expires in (9|10) days", warning)
+    assert "egress[0] (a).client_cert" in warning and re.search(r"expires in (9|10) days", warning)
     narrow = conf(
         pki_dir, "soon-narrow", "[service]\nexpiry_warning_days = 5", egress("a", "soon", "soon")
     )
@@ -160,7 +160,7 @@ def test_client_certificate_cn_outside_d1_policy(pki_dir: Path) -> None:
     r = check(conf(pki_dir, "badcn", egress("a", "badcn", "badcn")))
     assert r.returncode == 1
     (error,) = r.lines("error")
-    assert "egress (a).client_cert" in error
+    assert "egress[0] (a).client_cert" in error
     assert "CN 'merchant.example' does not match D1's pattern TLSMA-" in error
 
 
@@ -168,7 +168,7 @@ def test_cn_environment_must_match_the_route_env(pki_dir: Path) -> None:
     r = check(conf(pki_dir, "env", egress("a", "good", "good", 'env = "PRD"')))
     assert r.returncode == 1
     (error,) = r.lines("error")
-    assert "egress (a).client_cert" in error
+    assert "egress[0] (a).client_cert" in error
     assert "is for D1.PPR but the route expects PRD" in error
 
 
@@ -176,7 +176,7 @@ def test_chain_in_the_wrong_order(pki_dir: Path) -> None:
     r = check(conf(pki_dir, "order", egress("a", "misordered", "misordered")))
     assert r.returncode == 1
     errors = r.lines("error")
-    assert errors and all("egress (a).client_cert" in e and "chain order" in e for e in errors)
+    assert errors and all("egress[0] (a).client_cert" in e and "chain order" in e for e in errors)
     assert "certificate 1 (CN=TLSMA-ECDSA/MGW0000001/D1.PPR" in errors[0]
     assert "is issued by CN=Client Issuing CA" in errors[0]
     assert "order the file leaf first, then each issuer" in errors[0]
@@ -195,7 +195,7 @@ def test_oauth_signing_key_must_be_es256(pki_dir: Path) -> None:
     )
     assert bad.returncode == 1
     (error,) = bad.lines("error")
-    assert "egress (a).oauth.signing_key" in error and "ES256 (P-256)" in error
+    assert "egress[0] (a).oauth.signing_key" in error and "ES256 (P-256)" in error
     good = check(
         conf(pki_dir, "oauth-ec", egress("a", "good", "good", oauth.format(key="oauth-es256.key")))
     )

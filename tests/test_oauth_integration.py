@@ -236,7 +236,8 @@ def basic(user: str, secret: str) -> str:
 
 
 def get_token(env: Env, port: int, secret: str) -> tuple[int, dict[str, object]]:
-    r = curl(*env.mtls(), "-H", basic("d1-tenant", secret), "--data", "grant_type=client_credentials",
+    r = curl(*env.mtls(), "-H", basic("d1-tenant", secret),
+             "--data", "grant_type=client_credentials",
              f"https://localhost:{port}/oauth2/token")  # fmt: skip
     return r.status, json.loads(r.body)
 

@@ -1,4 +1,4 @@
-"""Running for years: reload under traffic, a broken reload, drain on SIGTERM, metrics, readiness."""
+"""Running for years: reload under traffic, a broken reload, drain on SIGTERM, metrics."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ class Env:
     origin_port: int
     upstream: Peer
 
-    def config(self, name: str, extra: str = "", origin: int | None = None) -> tuple[Path, dict[str, int]]:
+    def config(
+        self, name: str, extra: str = "", origin: int | None = None
+    ) -> tuple[Path, dict[str, int]]:
         ports = {"egress": free_port(), "ingress": free_port(), "admin": free_port()}
         conf = write_config(
             self.dir / f"{name}.toml",
@@ -66,7 +68,9 @@ class Env:
         """Write a new server and client certificate set as folder VERSION; return serials."""
         folder = self.dir / version
         server = self.server_ca.issue("CN=localhost", dns=("localhost",), server=True)
-        client = self.client_ca.issue("C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR", client=True)
+        client = self.client_ca.issue(
+            "C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR", client=True
+        )
         server.write(folder, "server")
         client.write(folder, "client")
         return server.cert.serial_number, client.cert.serial_number
@@ -114,9 +118,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 def server_serial(env: Env, port: int) -> int:
     ctx = ssl.create_default_context(cafile=str(env.dir / "server-ca.pem"))
     ctx.load_cert_chain(str(env.dir / "d1.pem"), str(env.dir / "d1.key"))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
@@ -136,7 +141,9 @@ class Traffic:
         self.ok = 0
         self.failed: list[str] = []
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(d,)) for d in ("egress", "ingress")]
+        self.threads = [
+            threading.Thread(target=self._run, args=(d,)) for d in ("egress", "ingress")
+        ]
 
     def _run(self, direction: str) -> None:
         while not self.stop.is_set():
@@ -272,15 +279,29 @@ def test_metrics_move_with_traffic(env: Env) -> None:
     conf, ports = env.config("metrics")
     sidecar = Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])
     try:
-        before = metric(ports, 'mtls_sidecar_requests_total{code="200",direction="egress",route="out"}')
+        before = metric(
+            ports, 'mtls_sidecar_requests_total{code="200",direction="egress",route="out"}'
+        )
         for _ in range(3):
             curl(f"http://127.0.0.1:{ports['egress']}/")
         ingress_get(env, ports["ingress"])
-        after = metric(ports, 'mtls_sidecar_requests_total{code="200",direction="egress",route="out"}')
+        after = metric(
+            ports, 'mtls_sidecar_requests_total{code="200",direction="egress",route="out"}'
+        )
         assert after - before == 3
-        assert metric(ports, 'mtls_sidecar_requests_total{code="200",direction="ingress",route="in"}') == 1
-        assert metric(ports, 'mtls_sidecar_request_duration_seconds_count{direction="egress",route="out"}') == 3
-        expiry = metric(ports, 'mtls_sidecar_certificate_expiry_timestamp_seconds{role="client",route="out"}')
+        assert (
+            metric(ports, 'mtls_sidecar_requests_total{code="200",direction="ingress",route="in"}')
+            == 1
+        )
+        assert (
+            metric(
+                ports, 'mtls_sidecar_request_duration_seconds_count{direction="egress",route="out"}'
+            )
+            == 3
+        )
+        expiry = metric(
+            ports, 'mtls_sidecar_certificate_expiry_timestamp_seconds{role="client",route="out"}'
+        )
         assert expiry > time.time() + 300 * 86400
         assert curl(f"http://127.0.0.1:{ports['admin']}/healthz").status == 200
         assert curl(f"http://127.0.0.1:{ports['admin']}/readyz").status == 200

@@ -172,6 +172,18 @@ def test_origin_under_an_untrusted_ca_reports_the_reason_and_exit_1(env: Env) ->
     assert address["verified"] is False and "unable to get local issuer" in address["verification"]
 
 
+def test_name_mismatch_is_reported_as_a_verification_failure(env: Env) -> None:
+    conf = env.config(
+        "othername", f"https://localhost:{env.ports['good']}", 'server_name = "elsewhere.example"'
+    )
+    r = probe(conf)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (
+        "hostname mismatch: certificate is for localhost, probe.test, 127.0.0.1, not " in r.stdout
+    )
+    assert "elsewhere.example" in r.stdout and "client certificate accepted" not in r.stdout
+
+
 def test_origin_that_refuses_our_client_certificate_is_reported_exit_1(env: Env) -> None:
     conf = env.config("refuses", f"https://localhost:{env.ports['refuses']}")
     r = probe(conf)
@@ -193,6 +205,20 @@ def test_tls_alert_after_the_handshake_is_reported_as_refusal(env: Env, tmp_path
     assert r.returncode == 1, r.stdout + r.stderr
     assert "client certificate refused" in r.stdout
     assert re.search(r"alert|closed the connection", r.stdout), r.stdout
+
+
+def test_stalled_handshake_times_out_after_connect_timeout(env: Env, tmp_path: Path) -> None:
+    peer = Peer(
+        [str(PEERS / "tls_origin.py"), "--mode", "stall", "--record", str(tmp_path / "rec"),
+         *env.peer_args()]
+    ).start()  # fmt: skip
+    with running(peer):
+        r = probe(env.config("stall", f"https://localhost:{peer.port}"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(
+        r"handshake: +connect/TLS handshake to 127\.0\.0\.1:\d+ timed out after 2s", r.stdout
+    )
+    assert "TLS:" not in r.stdout  # nothing was negotiated
 
 
 def test_closed_port_reports_connection_refused_and_exit_1(env: Env) -> None:
