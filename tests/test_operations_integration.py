@@ -311,3 +311,58 @@ def test_metrics_move_with_traffic(env: Env) -> None:
     assert {(x["route"], x["status"]) for x in lines} == {("out", 200), ("in", 200)}
     ingress_line = next(x for x in lines if x["route"] == "in")
     assert ingress_line["peer_subject"] == "CN=test-client"
+
+
+def test_a_second_sigterm_exits_at_once(env: Env, tmp_path: Path) -> None:
+    env.material("v9")
+    env.point_live_to("v9")
+    slow = Peer(
+        [str(PEERS / "tls_origin.py"), "--mode", "slow", "--delay", "8",
+         "--cert", str(env.dir / "origin.pem"), "--key", str(env.dir / "origin.key"),
+         "--client-ca", str(env.dir / "client-ca.pem"), "--record", str(tmp_path / "rec")]
+    ).start()  # fmt: skip
+    conf, ports = env.config("twice", origin=slow.port)
+    sidecar = Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(curl, f"http://127.0.0.1:{ports['egress']}/slow")
+            time.sleep(0.5)
+            assert sidecar.proc is not None
+            sidecar.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert sidecar.proc.poll() is None  # draining: the request is still in flight
+            started = time.monotonic()
+            sidecar.proc.send_signal(signal.SIGTERM)
+            code = sidecar.proc.wait(5)
+            assert time.monotonic() - started < 2
+            assert code != 0
+            assert pending.result().status != 200
+    finally:
+        sidecar.stop()
+        slow.stop()
+
+
+def test_systemd_notifications_ready_reloading_stopping(env: Env, tmp_path: Path) -> None:
+    env.material("v10")
+    env.point_live_to("v10")
+    conf, ports = env.config("notify", "reload_interval = 0")
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(10)
+    sidecar = Sidecar(conf).start(
+        [("127.0.0.1", p) for p in ports.values()], env={"NOTIFY_SOCKET": str(path)}
+    )
+    try:
+        assert b"READY=1" in listener.recv(4096)
+        assert sidecar.proc is not None
+        sidecar.proc.send_signal(signal.SIGHUP)
+        reloading = listener.recv(4096)
+        assert b"RELOADING=1" in reloading and b"MONOTONIC_USEC=" in reloading
+        assert b"READY=1" in listener.recv(4096)
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert b"STOPPING=1" in listener.recv(4096)
+        assert sidecar.proc.wait(10) == 0
+    finally:
+        sidecar.stop()
+        listener.close()
