@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 
 from proxy.config import EgressRoute as EgressConfig
-from proxy.http import ProxyError, RequestHead, connection_tokens, is_hop_by_hop
+from proxy.http import HOP_BY_HOP, ProxyError, RequestHead
 from proxy.relay import Downstream, Exchange
 from proxy.route import Route
 
@@ -47,6 +47,10 @@ class Egress(Route):
         self.replace_authorization = config.oauth is not None and (
             config.oauth.authorization == "replace"
         )
+        # never forwarded: hop-by-hop, internal, and the app's Authorization when we set ours
+        self.drop = (
+            HOP_BY_HOP | INTERNAL | ({b"authorization"} if self.replace_authorization else set())
+        )
 
     def prepare(
         self, head: RequestHead, down: Downstream
@@ -54,14 +58,11 @@ class Egress(Route):
         target = head.target
         if not target.startswith(b"/"):
             target = self._absolute_form(target)
-        listed = connection_tokens(head.headers)
+        drop = self.drop | head.listed if head.listed else self.drop
         out: list[tuple[bytes, bytes]] = [(b"Host", self.host_header)]
         has_correlation = False
-        drop_auth = self.replace_authorization
         for lname, name, value in head.headers:
-            if lname in INTERNAL or is_hop_by_hop(lname, listed):
-                continue
-            if lname == b"authorization" and drop_auth:
+            if lname in drop or lname.startswith(b"proxy-"):
                 continue
             if lname == CORRELATION:
                 has_correlation = True

@@ -41,6 +41,7 @@ class RequestHead:
     content_length: int | None  # None: no Content-Length
     chunked: bool
     keep_alive: bool
+    listed: frozenset[bytes] = frozenset()  # header names listed in Connection: hop-by-hop
 
     def get(self, lname: bytes) -> bytes | None:
         for name, _orig, value in self.headers:
@@ -90,13 +91,18 @@ def _reason(status: int) -> bytes:
         return b"Unknown"
 
 
+def tokens_of(value: bytes) -> frozenset[bytes]:
+    """The names a Connection header lists."""
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
 def connection_tokens(headers: list[Header]) -> frozenset[bytes]:
     """Header names listed in Connection (they are hop-by-hop too)."""
-    tokens: set[bytes] = set()
+    tokens: frozenset[bytes] = frozenset()
     for name, _orig, value in headers:
         if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
+            tokens |= tokens_of(value)
+    return tokens
 
 
 def is_hop_by_hop(name: bytes, listed: frozenset[bytes]) -> bool:

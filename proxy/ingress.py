@@ -10,12 +10,13 @@ from twisted.python.failure import Failure
 
 from proxy import identity
 from proxy.config import IngressRoute as IngressConfig
-from proxy.http import ProxyError, RequestHead, connection_tokens, is_hop_by_hop
+from proxy.http import HOP_BY_HOP, ProxyError, RequestHead
 from proxy.relay import Downstream, Exchange, LocalHandler
 from proxy.route import Route
 
 PEER_CACHE_SIZE = 256
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"expect"})
+DROP = HOP_BY_HOP | FORWARDED
 
 
 @attrs.frozen
@@ -130,13 +131,11 @@ class Ingress(Route):
             raise ProxyError(400, "bad_request", "request target must be origin-form (/path)")
         if self.token_endpoint is not None:
             self.token_endpoint.check(head)
-        listed = connection_tokens(head.headers)
+        drop = DROP | head.listed if head.listed else DROP
         out: list[tuple[bytes, bytes]] = []
         has_host = False
         for lname, name, value in head.headers:
-            if identity.is_identity_header(lname) or lname in FORWARDED:
-                continue
-            if is_hop_by_hop(lname, listed):
+            if lname in drop or lname.startswith(b"proxy-") or identity.is_identity_header(lname):
                 continue
             if lname == b"host":
                 has_host = True

@@ -244,13 +244,14 @@ class Pool:
         self.live: set[UpstreamConnection] = set()
         self.generation = 0
 
-    def acquire(self) -> defer.Deferred[UpstreamConnection]:
+    def acquire(self) -> UpstreamConnection | defer.Deferred[UpstreamConnection]:
+        """A ready idle connection at once, or a Deferred for a new one."""
         now = self.clock.seconds()
         while self.idle:
             conn = self.idle.pop()
             if conn.connected and now - conn.created < self.max_age:
                 conn.deadline = 0.0
-                return defer.succeed(conn)
+                return conn
             conn.close()
         return defer.ensureDeferred(self._connect())
 

@@ -299,7 +299,7 @@ class _Prober:
         started = self.reactor.seconds()
         try:
             try:
-                conn = await pool.acquire()
+                conn = await defer.maybeDeferred(pool.acquire)
             except ProxyError as e:
                 self._failed(report, creator, e, started, tls_name, requests, rc.timeouts.connect)
                 return report

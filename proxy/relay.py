@@ -30,6 +30,7 @@ from proxy.http import (
     connection_tokens,
     error_response,
     is_hop_by_hop,
+    tokens_of,
 )
 from proxy.pool import UpstreamConnection
 
@@ -137,8 +138,12 @@ class Exchange:
     def _acquire(self) -> None:
         if self.down.gone:
             return
-        self.waiting = d = self.route.pool.acquire()
-        d.addCallbacks(self._attached, self._fail_failure)
+        got = self.route.pool.acquire()
+        if isinstance(got, UpstreamConnection):  # an idle pooled connection: no waiting
+            self._attached(got)
+        else:
+            self.waiting = got
+            got.addCallbacks(self._attached, self._fail_failure)
 
     def _fail_failure(self, failure: Failure) -> None:
         self.waiting = None
@@ -536,11 +541,14 @@ class Downstream(Protocol):
         version = parser.get_http_version()
         content_length: int | None = None
         chunked = False
+        listed: frozenset[bytes] = frozenset()
         for lname, _name, value in self.headers:
             if lname == b"content-length":
                 content_length = int(value)
             elif lname == b"transfer-encoding":
                 chunked = True
+            elif lname == b"connection":
+                listed |= tokens_of(value)
         keep_alive = parser.should_keep_alive()
         head = RequestHead(
             parser.get_method(),
@@ -550,6 +558,7 @@ class Downstream(Protocol):
             content_length,
             chunked,
             keep_alive,
+            listed,
         )
         ex = Exchange(self, head, self.header_error)
         if head.content_length is None and not chunked:

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 
 from proxy.config import EgressOAuth, EgressRoute, Listen, Upstream
 from proxy.egress import Egress
-from proxy.http import ProxyError, RequestHead
+from proxy.http import ProxyError, RequestHead, connection_tokens
 from proxy.logs import AccessLog
 from proxy.metrics import Metrics
 
@@ -54,14 +54,17 @@ def oauth(authorization: str) -> EgressOAuth:
 
 
 def head(target: bytes = b"/v1/cards", *headers: tuple[bytes, bytes]) -> RequestHead:
+    """A head as the downstream parser builds it (Connection tokens collected once)."""
+    fields = [(name.lower(), name, value) for name, value in headers]
     return RequestHead(
         method=b"POST",
         target=target,
         version=b"1.1",
-        headers=[(name.lower(), name, value) for name, value in headers],
+        headers=fields,
         content_length=None,
         chunked=False,
         keep_alive=True,
+        listed=connection_tokens(fields),
     )
 
 
