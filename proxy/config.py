@@ -366,6 +366,12 @@ class _Loader:
             raise _Bad(f"cannot read {path}: {e.strerror or e}") from None
         return path
 
+    def listen(self, listen: Listen | None) -> Listen | None:
+        """unix: socket paths resolve against the config's folder, like every other path."""
+        if listen is not None and listen.kind == "unix":
+            return attrs.evolve(listen, path=str((self.base / listen.path).absolute()))
+        return listen
+
     def limits(self, r: _Reader) -> Limits:
         d = Limits()
         values: dict[str, int] = {}
@@ -404,7 +410,7 @@ class _Loader:
         name = r.require("name", _route_name)
         if name:
             r.prefix = f"egress[{index}] ({name})"
-        listen = r.require("listen", lambda v: parse_listen(v, "127.0.0.1"))
+        listen = self.listen(r.require("listen", lambda v: parse_listen(v, "127.0.0.1")))
         upstream = r.require("upstream", lambda v: parse_upstream(v, ("https",)))
         cert = r.require("client_cert", self.file)
         key = r.require("client_key", self.file)
@@ -464,7 +470,7 @@ class _Loader:
         name = r.require("name", _route_name)
         if name:
             r.prefix = f"ingress[{index}] ({name})"
-        listen = r.require("listen", lambda v: parse_listen(v, "0.0.0.0"))
+        listen = self.listen(r.require("listen", lambda v: parse_listen(v, "0.0.0.0")))
         cert = r.require("server_cert", self.file)
         key = r.require("server_key", self.file)
         client_ca = r.require("client_ca", self.file)

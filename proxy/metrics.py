@@ -2,15 +2,71 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
+
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class RouteStats:
+    """Per-route request counts and durations as plain numbers: recording one request is a few
+    additions on the hot path; the Prometheus families are built only when /metrics is read."""
+
+    __slots__ = ("buckets", "codes", "count", "direction", "route", "total")
+
+    def __init__(self, route: str, direction: str) -> None:
+        self.route, self.direction = route, direction
+        self.codes: dict[int, int] = {}
+        self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self.count = 0
+        self.total = 0.0
+
+    def record(self, status: int, seconds: float) -> None:
+        codes = self.codes
+        codes[status] = codes.get(status, 0) + 1
+        self.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.count += 1
+        self.total += seconds
+
+    def count_only(self, status: int) -> None:
+        """A request answered before any timing made sense (e.g. refused at accept)."""
+        self.codes[status] = self.codes.get(status, 0) + 1
+
+
+class _RequestCollector(Collector):
+    def __init__(self, stats: list[RouteStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            "mtls_sidecar_requests", "Requests answered.", labels=["route", "direction", "code"]
+        )
+        durations = HistogramMetricFamily(
+            "mtls_sidecar_request_duration_seconds",
+            "Time from request head to end of response.",
+            labels=["route", "direction"],
+        )
+        for s in self.stats:
+            for code, n in sorted(s.codes.items()):
+                requests.add_metric([s.route, s.direction, str(code)], n)
+            cumulative, buckets = 0, []
+            for bound, n in zip((*DURATION_BUCKETS, float("inf")), s.buckets, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+            durations.add_metric([s.route, s.direction], buckets, s.total)
+        yield requests
+        yield durations
 
 
 @attrs.define
 class Metrics:
     registry: CollectorRegistry
-    requests: Counter
-    request_duration: Histogram
+    routes: list[RouteStats]
     handshake_errors: Counter
     certificate_expiry: Gauge
     reloads: Counter
@@ -20,22 +76,20 @@ class Metrics:
     oauth_token_failures: Counter
     oauth_token_expiry: Gauge
 
+    def route_stats(self, route: str, direction: str) -> RouteStats:
+        stats = RouteStats(route, direction)
+        self.routes.append(stats)
+        return stats
+
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> Metrics:
         r = registry if registry is not None else CollectorRegistry()
         p = "mtls_sidecar_"
+        routes: list[RouteStats] = []
+        r.register(_RequestCollector(routes))
         return cls(
             registry=r,
-            requests=Counter(
-                p + "requests", "Requests answered.", ["route", "direction", "code"], registry=r
-            ),
-            request_duration=Histogram(
-                p + "request_duration_seconds",
-                "Time from request head to end of response.",
-                ["route", "direction"],
-                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-                registry=r,
-            ),
+            routes=routes,
             handshake_errors=Counter(
                 p + "tls_handshake_errors",
                 "TLS handshakes that failed, by route and reason.",

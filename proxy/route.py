@@ -39,8 +39,7 @@ class Route:
         self.metrics, self.access_log = metrics, access_log
         self.connections: set[Downstream] = set()
         self.draining = False
-        self._requests: dict[int, Any] = {}
-        self._duration = metrics.request_duration.labels(name, self.direction)
+        self.stats = metrics.route_stats(name, self.direction)
         self._open = metrics.connections_open.labels(name, "downstream")
 
     # ---- policy hooks
@@ -82,7 +81,7 @@ class Route:
             down.write(error_response(err, self.name, keep_alive=False))
             down.transport.loseConnection()
             down.gone = True
-            self.metrics.requests.labels(self.name, self.direction, str(err.status)).inc()
+            self.stats.count_only(err.status)
 
     def connection_closed(self, down: Downstream, reason: Failure) -> None:
         if down in self.connections:
@@ -101,14 +100,8 @@ class Route:
 
     def finished(self, ex: Exchange, down: Downstream) -> None:
         status = ex.status
-        counter = self._requests.get(status)
-        if counter is None:
-            counter = self._requests[status] = self.metrics.requests.labels(
-                self.name, self.direction, str(status)
-            )
-        counter.inc()
         now = self.clock.seconds()
-        self._duration.observe(now - ex.started)
+        self.stats.record(status, now - ex.started)
         if self.access_log.enabled:
             head = ex.head
             record = {

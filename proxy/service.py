@@ -70,6 +70,11 @@ def build_server_material(route: cfg.IngressRoute) -> tls.ServerMaterial:
     return tls.ServerMaterial(pair, tuple(cas), ctx)
 
 
+def build_upstream_material(route: cfg.IngressRoute) -> tls.ClientMaterial:
+    """TLS toward an https internal upstream: its own trust, no client certificate."""
+    return tls.ClientMaterial(None, tls.client_context(None, route.upstream_trust, route.profile))
+
+
 def _signature(paths: list[Path]) -> tuple[tuple[str, float, int, int], ...]:
     """What changes when a file is replaced, including a Kubernetes symlink swap."""
     out = []
@@ -166,8 +171,7 @@ class Sidecar:
         server = tls.ServerTLS(build_server_material(ri))
         client = None
         if ri.upstream.scheme == "https":
-            ctx = tls.client_context(None, ri.upstream_trust, ri.profile)
-            client = tls.ClientTLS(tls.ClientMaterial(None, ctx), ri.upstream.host)
+            client = tls.ClientTLS(build_upstream_material(ri), ri.upstream.host)
         pool = self._pool(ri.name, ri.upstream, client, ri)
         endpoint = None
         if ri.oauth is not None:
@@ -258,11 +262,16 @@ class Sidecar:
         self._signature = self._current_signature()
         try:
             built: list[tuple[RouteState, Any]] = []
+            upstream_tls: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = []
             for state in self.routes:
                 if isinstance(state.config, cfg.EgressRoute):
                     built.append((state, build_client_material(state.config)))
                 else:
                     built.append((state, build_server_material(state.config)))
+                    if state.client_tls is not None:  # an https internal upstream
+                        upstream_tls.append(
+                            (state.client_tls, build_upstream_material(state.config))
+                        )
         except tls.MaterialError as e:
             self.metrics.reloads.labels("failure").inc()
             self.log.error(
@@ -283,6 +292,8 @@ class Sidecar:
                 state.server_tls.material = material
                 if isinstance(state.route, Ingress):
                     state.route.peers.clear()  # a new client_ca may verify other chains
+        for client, upstream_material in upstream_tls:
+            client.material = upstream_material
         self.metrics.reloads.labels("success").inc()
         self._record_expiry()
         self.log.info("key material reloaded")

@@ -673,3 +673,10 @@ def test_parsed_objects_are_frozen(folder: Path) -> None:
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
             setattr(obj, field, value)
     assert isinstance(config.egress, tuple) and isinstance(ing.identity_headers, tuple)
+
+
+def test_relative_unix_socket_path_resolves_against_the_config_folder(folder: Path) -> None:
+    config, _ = parse_text(folder, egress_with(listen='"unix:run/d1.sock"'))
+    assert config is not None
+    (route,) = config.routes()
+    assert route.listen == Listen("unix", path=str(folder / "run" / "d1.sock"))

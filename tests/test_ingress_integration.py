@@ -349,3 +349,41 @@ def test_connections_over_max_connections_get_503(env: Env) -> None:
         assert json.loads(r.body)["error"] == "overloaded"
         time.sleep(0.3)
         assert curl(*env.mtls(port, "d1")).status == 200
+
+
+def test_https_internal_upstream_is_verified_with_upstream_trust(env: Env, tmp_path: Path) -> None:
+    from tests.harness import Nginx
+
+    backend = free_port()
+    env.server_ca.issue("CN=backend", dns=("localhost",), server=True).write(tmp_path, "backend")
+    nginx = Nginx(
+        tmp_path / "nginx",
+        f"""
+        server {{
+          listen 127.0.0.1:{backend} ssl;
+          ssl_certificate {tmp_path}/backend.pem;
+          ssl_certificate_key {tmp_path}/backend.key;
+          location / {{ return 200 "backend saw $http_x_client_subject"; }}
+        }}""",
+    ).start([("127.0.0.1", backend)])
+    port, untrusted_port = free_port(), free_port()
+    good = env.config("https-up", port, 'upstream_trust = "server-ca.pem"')
+    good.write_text(
+        good.read_text().replace(
+            f"http://127.0.0.1:{env.upstream.port}", f"https://localhost:{backend}"
+        )
+    )
+    bad = env.config("https-up-untrusted", untrusted_port, 'upstream_trust = "client-root.pem"')
+    bad.write_text(
+        bad.read_text().replace(
+            f"http://127.0.0.1:{env.upstream.port}", f"https://localhost:{backend}"
+        )
+    )
+    with running(nginx, Sidecar(good).start([("127.0.0.1", port)]),
+                 Sidecar(bad).start([("127.0.0.1", untrusted_port)])):  # fmt: skip
+        ok = curl(*env.mtls(port, "d1"))
+        refused = curl(*env.mtls(untrusted_port, "d1"))
+    assert ok.status == 200
+    assert ok.body == b'backend saw CN=d1-client.d1.example,OU=TLSMA,O=Thales D1 \\"PPR\\",C=FR'
+    assert refused.status == 502
+    assert json.loads(refused.body)["error"] == "upstream_tls_failed"
