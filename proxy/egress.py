@@ -6,6 +6,7 @@ only when they name the upstream's own host: never an open proxy.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from typing import Any
@@ -27,9 +28,14 @@ CORRELATION = b"x-correlation-id"
 CORRELATION_OK = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
 
 
+_CORRELATION_PREFIX = os.urandom(10).hex()
+_correlation_counter = itertools.count(int.from_bytes(os.urandom(4)))
+
+
 def new_correlation_id() -> bytes:
-    """D1's pattern ^[A-Za-z0-9_-]{1,64}$, random: never derived from request data."""
-    return os.urandom(16).hex().encode()
+    """D1's pattern ^[A-Za-z0-9_-]{1,64}$: 32 hex characters, a random per-process prefix and a
+    counter (unique in the process, never derived from request data, no syscall per call)."""
+    return f"{_CORRELATION_PREFIX}{next(_correlation_counter) & 0xFFFFFFFFFFFF:012x}".encode()
 
 
 class Egress(Route):

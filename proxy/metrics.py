@@ -57,7 +57,9 @@ class _RequestCollector(Collector):
             cumulative, buckets = 0, []
             for bound, n in zip((*DURATION_BUCKETS, float("inf")), s.buckets, strict=True):
                 cumulative += n
-                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+                buckets.append(
+                    ("+Inf" if bound == float("inf") else repr(float(bound)), cumulative)
+                )
             durations.add_metric([s.route, s.direction], buckets, s.total)
         yield requests
         yield durations

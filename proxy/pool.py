@@ -14,13 +14,12 @@ import httptools
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener, IHostnameResolver, IReactorTCP
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy.http import ProxyError
 from proxy.resolver import ResolveError, resolve
-from proxy.tls import ClientTLS, verify_hostname_error
+from proxy.tls import ClientTLS, tls_factory, verify_hostname_error
 
 if TYPE_CHECKING:
     from proxy.relay import Exchange
@@ -76,12 +75,18 @@ class UpstreamConnection(Protocol):
             d.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
+        down = getattr(self.exchange, "down", None)  # probe attaches a bare response reader
+        if down is not None:
+            down.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._protocol_error("upstream switched protocols; not supported")
         except httptools.HttpParserError as e:
             self._protocol_error(f"invalid HTTP response from upstream: {e}")
+        finally:
+            if down is not None:
+                down.uncork()
 
     def _protocol_error(self, detail: str) -> None:
         ex = self.exchange
@@ -289,8 +294,7 @@ class Pool:
         ready = conn.ready
         factory: Any = _Factory(conn)
         if self.tls is not None:
-            factory = TLSMemoryBIOFactory(self.tls, True, factory)
-            factory.noisy = False
+            factory = tls_factory(self.tls, True, factory)
         conn.connector = self.reactor.connectTCP(
             address, self.port, factory, timeout=self.connect_timeout
         )

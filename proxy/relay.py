@@ -449,6 +449,7 @@ class Downstream(Protocol):
         self.header_bytes = 0
         self.header_error: ProxyError | None = None
         self.peer: Any = None  # set by the route: e.g. the verified client certificate
+        self.corked: list[bytes] | None = None
         self.peer_host = ""
 
     def connectionMade(self) -> None:
@@ -472,7 +473,7 @@ class Downstream(Protocol):
             self.keep_alive = False
             self.pause("upgrade")
             if self.exchange is None:
-                self.transport.loseConnection()
+                self.close()
             return
         except httptools.HttpParserError as e:
             self._bad(ProxyError(400, "bad_request", f"malformed HTTP request: {e}"))
@@ -602,7 +603,7 @@ class Downstream(Protocol):
         if self.gone:
             return
         if not self.keep_alive or self.route.draining:
-            self.transport.loseConnection()
+            self.close()
             return
         if self.queue:
             nxt = self.queue.popleft()
@@ -638,18 +639,36 @@ class Downstream(Protocol):
                 )
             )
         else:
-            self.transport.loseConnection()
+            self.close()
 
     def drain(self) -> None:
         """Stop after the exchange in flight; close now if idle."""
         self.keep_alive = False
         if self.exchange is None and not self.in_head:
-            self.transport.loseConnection()
+            self.close()
 
     # ---- transport helpers
     def write(self, data: bytes) -> None:
-        if not self.gone:
+        if self.gone:
+            return
+        if self.corked is not None:
+            self.corked.append(data)
+        else:
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes until uncork(): one TLS record (one send) for head and body."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        out, self.corked = self.corked, None
+        if out and not self.gone:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def close(self) -> None:
+        self.uncork()
+        self.transport.loseConnection()
 
     def pause(self, reason: str) -> None:
         if not self.paused and not self.gone:

@@ -12,7 +12,6 @@ import attrs
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from proxy import config as cfg
 from proxy import tls
@@ -193,8 +192,7 @@ class Sidecar:
         for state in self.routes:
             factory: Any = DownstreamFactory(state.route)
             if state.server_tls is not None:
-                factory = TLSMemoryBIOFactory(state.server_tls, False, factory)
-                factory.noisy = False
+                factory = tls.tls_factory(state.server_tls, False, factory)
             state.port = self._listen(state.config.listen, factory, inherited or {})
             self.log.info(
                 "{route}: {direction} listening on {where} -> {upstream}",

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from proxy import pki
@@ -268,3 +269,13 @@ def verify_hostname_error(conn: SSL.Connection, name: str) -> str | None:
 
 
 Loader = Callable[[], Any]
+
+
+def tls_factory(creator: Any, is_client: bool, wrapped: Any) -> TLSMemoryBIOFactory:
+    """TLS around a factory, without Twisted's small-write aggregation: the relay already
+    writes whole messages (one cork per upstream read), so the aggregator's per-write
+    callLater(0) would only add a timer and a loop iteration to every request."""
+    factory = TLSMemoryBIOFactory(creator, is_client, wrapped)
+    factory.protocol = TLSMemoryBIOProtocol
+    factory.noisy = False
+    return factory
