@@ -95,6 +95,13 @@ def findings_for(
                 cert_what="server_cert", key_what="server_key",
             )  # fmt: skip
             certificate(f"{prefix}.server_cert", r.server_cert, list(pair.chain), "server")
+            if r.server_name and not pki.san_covers(pair.leaf, r.server_name):
+                add(
+                    "error",
+                    f"{prefix}.server_cert",
+                    f"{r.server_cert}: subjectAltName does not cover server_name "
+                    f"{r.server_name!r}: the partner will refuse the connection",
+                )
             if len(pair.chain) == 1 and pair.leaf.issuer != pair.leaf.subject:
                 add(
                     "warning",

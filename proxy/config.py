@@ -142,6 +142,7 @@ class IngressRoute:
     allow_subjects: tuple[str, ...] = ()
     identity_headers: tuple[str, ...] = IDENTITY_FAMILIES
     upstream_trust: Path | None = None  # for an https internal upstream; None: Mozilla bundle
+    server_name: str | None = None  # the name the partner calls us by (`check` tests the SANs)
     profile: str = "d1"
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
@@ -486,6 +487,7 @@ class _Loader:
                     f"unknown family {family!r}; known: client-cert, xfcc, x-client",
                 )
         upstream_trust = r.get("upstream_trust", self.file)
+        server_name = r.get("server_name", _str)
         profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
         pool_max_idle = r.get("pool_max_idle", _int, 64)
         age = r.get("max_connection_age", parse_duration, 300.0)
@@ -512,6 +514,7 @@ class _Loader:
             allow_subjects=allow or (),
             identity_headers=tuple(f for f in families or () if f in IDENTITY_FAMILIES),
             upstream_trust=upstream_trust,
+            server_name=server_name,
             profile=profile,
             limits=limits,
             timeouts=timeouts,

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from proxy import pki
 
@@ -162,12 +161,7 @@ def _key_type(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _key_pem(key: PrivateKeyTypes) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+_key_pem = pki.private_key_pem
 
 
 def _refuse_existing(*paths: Path) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, ssl, task
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
@@ -193,13 +192,7 @@ async def _demo(reactor: Any, workdir: Path) -> None:
     write_ca(d1_server_ca, workdir / "d1-roots.pem")
     write_ca(thales_client_ca, workdir / "thales-client-ca.pem")
     signing_key = pki.make_oauth_key()
-    (workdir / "oauth-es256.key").write_bytes(
-        signing_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    (workdir / "oauth-es256.key").write_bytes(pki.private_key_pem(signing_key))
     OUT(f"  PKI: our client certificate CN=TLSMA-ECDSA/{GATEWAY_ID}/D1.PPR (ECDSA P-256)")
 
     # ---- the stand-ins

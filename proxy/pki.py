@@ -499,3 +499,13 @@ def _fsync_dir(directory: Path) -> None:
         pass  # some filesystems refuse fsync on directories; the file itself is synced
     finally:
         os.close(fd)
+
+
+def private_key_pem(key: PrivateKeyTypes) -> bytes:
+    """Unencrypted PKCS#8 PEM (the service reads keys through systemd credentials, not a
+    passphrase prompt)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IHandshakeListener, IHostnameResolver, IReactorTCP
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IHostnameResolver,
+    IReactorTCP,
+    IWriteDescriptor,
+)
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -23,6 +28,23 @@ from proxy.tls import ClientTLS, tls_factory, verify_hostname_error
 
 if TYPE_CHECKING:
     from proxy.relay import Exchange
+
+
+def send_now(transport: Any) -> None:
+    """Send what this turn queued on a connection now, not on the next reactor turn.
+
+    Twisted queues every write until the socket polls writable; on a request/response path that
+    costs a poll registration and a dispatch per message. IWriteDescriptor.doWrite() is the
+    reactor's own way in: if the socket cannot take the data the rest stays queued and the
+    reactor finishes it (and reports any error) as usual. TLS wraps the TCP transport.
+    """
+    raw: Any = transport
+    if not IWriteDescriptor.providedBy(raw):
+        raw = getattr(raw, "transport", None)
+        if not IWriteDescriptor.providedBy(raw):
+            return  # not a reactor-driven descriptor (e.g. in-memory transports)
+    if raw.connected and not raw.disconnecting:
+        raw.doWrite()
 
 
 @implementer(IHandshakeListener)
@@ -87,6 +109,8 @@ class UpstreamConnection(Protocol):
         finally:
             if down is not None:
                 down.uncork()
+                if not down.gone:
+                    send_now(down.transport)
 
     def _protocol_error(self, detail: str) -> None:
         ex = self.exchange

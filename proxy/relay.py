@@ -32,7 +32,7 @@ from proxy.http import (
     is_hop_by_hop,
     tokens_of,
 )
-from proxy.pool import UpstreamConnection
+from proxy.pool import UpstreamConnection, send_now
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -486,6 +486,10 @@ class Downstream(Protocol):
                     f"request head over {self.route.limits.max_header_bytes} bytes",
                 )
             )
+            return
+        ex = self.exchange
+        if ex is not None and ex.up is not None:
+            send_now(ex.up.transport)
 
     def _bad(self, err: ProxyError) -> None:
         """Unparseable input: answer once, then close; nothing more is read."""

@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy.pki import private_key_pem
+
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -59,11 +61,7 @@ class Issued:
         )
 
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return private_key_pem(self.key)
 
     def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
         """Write STEM.pem (leaf + intermediates) and STEM.key (0600); return both paths."""

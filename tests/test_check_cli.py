@@ -269,3 +269,29 @@ def test_run_refuses_a_bad_config_with_one_line_naming_the_key(
     assert len(lines) == 1, out.stderr
     assert needle in lines[0] and str(path) in lines[0]
     assert out.stdout == ""
+
+
+def test_server_cert_sans_must_cover_the_ingress_server_name(pki_dir: Path) -> None:
+    root = make_ca("C=FR,O=Merchant PKI,CN=Merchant Root")
+    root.issue(
+        "CN=callbacks.merchant.example", dns=("callbacks.merchant.example",), server=True
+    ).write(pki_dir, "callbacks")
+
+    def ingress(name: str, server_name: str) -> str:
+        return f"""
+        [[ingress]]
+        name = "{name}"
+        listen = "127.0.0.1:18443"
+        server_cert = "callbacks.pem"
+        server_key = "callbacks.key"
+        client_ca = "client-root.pem"
+        upstream = "http://127.0.0.1:9000"
+        server_name = "{server_name}"
+        """
+
+    ok = check(conf(pki_dir, "san-ok", ingress("cb", "callbacks.merchant.example")))
+    assert ok.returncode == 0, ok.stdout
+    bad = check(conf(pki_dir, "san-bad", ingress("cb", "d1.merchant.example")))
+    assert bad.returncode == 1
+    (line,) = [x for x in bad.lines("error") if "subjectAltName" in x]
+    assert "ingress[0] (cb).server_cert" in line and "'d1.merchant.example'" in line

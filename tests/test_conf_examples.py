@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from proxy import pki
 from tests.harness import SIDECAR
@@ -35,11 +34,7 @@ def _target(folder: Path, creds: Path, value: str) -> Path:
 
 
 def _oauth_key_pem() -> bytes:
-    return pki.make_oauth_key().private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    return pki.private_key_pem(pki.make_oauth_key())
 
 
 def _material_for(example: Path, folder: Path, creds: Path) -> dict[str, Any]:

@@ -387,3 +387,47 @@ def test_https_internal_upstream_is_verified_with_upstream_trust(env: Env, tmp_p
     assert ok.body == b'backend saw CN=d1-client.d1.example,OU=TLSMA,O=Thales D1 \\"PPR\\",C=FR'
     assert refused.status == 502
     assert json.loads(refused.body)["error"] == "upstream_tls_failed"
+
+
+def test_not_yet_valid_client_certificate_is_refused(env: Env, ingress: int) -> None:
+    env.client_ca.issue(
+        "CN=d1-client.d1.example", client=True, not_before=NOW + DAY, not_after=NOW + 60 * DAY
+    ).write(env.dir, "future")
+    before = len(env.seen())
+    r = curl(*env.mtls(ingress, "future"))
+    assert r.returncode != 0 and r.status == 0
+    assert len(env.seen()) == before
+
+
+@pytest.mark.parametrize("cipher", ["AES128-GCM-SHA256", "ECDHE-RSA-AES128-SHA", "AES256-SHA256"])
+def test_tls_1_2_without_ecdhe_and_aead_is_refused(env: Env, ingress: int, cipher: str) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{ingress}", "-tls1_2", "-cipher", cipher,
+         "-cert", str(env.dir / "d1.pem"), "-key", str(env.dir / "d1.key"),
+         "-CAfile", str(env.dir / "server-ca.pem")],
+        input=b"", capture_output=True, timeout=10,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert b"Cipher is (NONE)" in out.stdout or b"handshake failure" in out.stderr
+
+
+def test_the_full_server_chain_is_served(env: Env, tmp_path: Path) -> None:
+    inter = env.server_ca.issue("C=FR,O=Merchant PKI,CN=Merchant Issuing CA", ca=True)
+    inter.issue("CN=localhost", dns=("localhost",), server=True).write(tmp_path, "chained")
+    port = free_port()
+    conf = env.config("chained", port)
+    conf.write_text(
+        conf.read_text()
+        .replace('server_cert = "server.pem"', f'server_cert = "{tmp_path}/chained.pem"')
+        .replace('server_key = "server.key"', f'server_key = "{tmp_path}/chained.key"')
+    )
+    with running(Sidecar(conf).start([("127.0.0.1", port)])):
+        out = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-showcerts",
+             "-cert", str(env.dir / "d1.pem"), "-key", str(env.dir / "d1.key"),
+             "-CAfile", str(env.dir / "server-ca.pem"), "-verify_return_error"],
+            input=b"", capture_output=True, timeout=10,
+        )  # fmt: skip
+    text = out.stdout.decode()
+    assert text.count("-----BEGIN CERTIFICATE-----") == 2
+    assert "Merchant Issuing CA" in text and "Verify return code: 0 (ok)" in text

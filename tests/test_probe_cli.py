@@ -85,13 +85,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     other_ca.issue("CN=localhost", server=True, **names).write(d, "wrongca")  # type: ignore[arg-type]
     client_ca.issue(CLIENT_SUBJECT, client=True).write(d, "client")
     key = pki.make_oauth_key()
-    (d / "oauth.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    (d / "oauth.key").write_bytes(pki.private_key_pem(key))
     (d / "oauth.pub").write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
