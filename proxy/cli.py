@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
             reactor.stop()  # type: ignore[attr-defined]
             return
         install_signal_handlers(reactor, sidecar, lambda code: result.update(code=code))
+        settle_heap()
         from proxy.systemd import watchdog_interval
 
         interval = watchdog_interval(environ)
@@ -55,6 +57,16 @@ def _run(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(started)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return result["code"]
+
+
+def settle_heap() -> None:
+    """Everything built at start lives as long as the process: move it out of the cyclic
+    collector's sight, so full collections scan only what requests allocate (tens of
+    thousands of module objects otherwise rescanned every few thousand requests)."""
+    gc.collect()
+    gc.freeze()
+    # the data path breaks its own reference cycles; collect young garbage less eagerly
+    gc.set_threshold(10_000, 20, 20)
 
 
 def _check(args: argparse.Namespace) -> int:

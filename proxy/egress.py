@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,7 +24,6 @@ INTERNAL = frozenset(
      b"x-forwarded-port", b"x-real-ip", b"via", b"expect"}
 )  # fmt: skip
 CORRELATION = b"x-correlation-id"
-CORRELATION_OK = re.compile(rb"^[A-Za-z0-9_-]{1,64}$")
 
 
 _CORRELATION_PREFIX = os.urandom(10).hex()

@@ -42,6 +42,8 @@ class RequestHead:
     chunked: bool
     keep_alive: bool
     listed: frozenset[bytes] = frozenset()  # header names listed in Connection: hop-by-hop
+    te: bytes | None = None  # the Transfer-Encoding value, when present
+    expect: bool = False  # an Expect header was sent
 
     def get(self, lname: bytes) -> bytes | None:
         for name, _orig, value in self.headers:
@@ -105,13 +107,9 @@ def connection_tokens(headers: list[Header]) -> frozenset[bytes]:
     return tokens
 
 
-def is_hop_by_hop(name: bytes, listed: frozenset[bytes]) -> bool:
-    return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in listed
-
-
 def check_request_framing(head: RequestHead) -> None:
     """What llhttp lets through but a proxy must refuse (request smuggling, tunnels)."""
-    te = head.get(b"transfer-encoding")
+    te = head.te
     if te is not None:
         if head.version != b"1.1":
             raise ProxyError(400, "bad_request", "Transfer-Encoding is not allowed in HTTP/1.0")
@@ -119,25 +117,6 @@ def check_request_framing(head: RequestHead) -> None:
             raise ProxyError(400, "bad_request", "only 'Transfer-Encoding: chunked' is accepted")
     if head.method in REFUSED_METHODS:
         raise ProxyError(405, "method_not_allowed", "CONNECT is not supported: not a tunnel")
-
-
-def serialize_request(
-    method: bytes, target: bytes, headers: Iterable[tuple[bytes, bytes]], framing: bytes
-) -> bytes:
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (framing, b"\r\n")
-    return b"".join(parts)
-
-
-def framing_for(content_length: int | None, chunked: bool) -> bytes:
-    """Framing header lines (each ending in CRLF) of a message we forward."""
-    if chunked:
-        return b"Transfer-Encoding: chunked\r\n"
-    if content_length is not None:
-        return b"Content-Length: %d\r\n" % content_length
-    return b""
 
 
 def chunk(data: bytes) -> bytes:

@@ -22,12 +22,14 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from proxy.http import ProxyError
+from proxy.http import ProxyError, tokens_of
 from proxy.resolver import ResolveError, resolve
 from proxy.tls import ClientTLS, tls_factory, verify_hostname_error
 
 if TYPE_CHECKING:
     from proxy.relay import Exchange
+
+_NOTHING: frozenset[bytes] = frozenset()
 
 
 def send_now(transport: Any) -> None:
@@ -43,7 +45,7 @@ def send_now(transport: Any) -> None:
         raw = getattr(raw, "transport", None)
         if not IWriteDescriptor.providedBy(raw):
             return  # not a reactor-driven descriptor (e.g. in-memory transports)
-    if raw.connected and not raw.disconnecting:
+    if getattr(raw, "connected", False) and not getattr(raw, "disconnecting", True):
         raw.doWrite()
 
 
@@ -72,6 +74,7 @@ class UpstreamConnection(Protocol):
         self.keep_alive = False
         self.reason = b""
         self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.listed: frozenset[bytes] = _NOTHING  # names the response's Connection lists
 
     # ---- connection lifecycle
     def connectionMade(self) -> None:
@@ -149,12 +152,16 @@ class UpstreamConnection(Protocol):
     def on_message_begin(self) -> None:
         self.headers = []
         self.reason = b""
+        self.listed = _NOTHING
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), name, value))
+        lname = name.lower()
+        if lname == b"connection":
+            self.listed |= tokens_of(value)
+        self.headers.append((lname, name, value))
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()

@@ -21,15 +21,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy.http import (
+    HOP_BY_HOP,
     LAST_CHUNK,
     Header,
     ProxyError,
     RequestHead,
     check_request_framing,
     chunk,
-    connection_tokens,
     error_response,
-    is_hop_by_hop,
     tokens_of,
 )
 from proxy.pool import UpstreamConnection, send_now
@@ -117,11 +116,7 @@ class Exchange:
             if self.request_done:
                 self._answer_locally()
             return
-        if (
-            head.version == b"1.1"
-            and head.get(b"expect") is not None
-            and (head.chunked or head.content_length)
-        ):
+        if head.version == b"1.1" and head.expect and (head.chunked or head.content_length):
             self.down.write(_CONTINUE)
         d = self.route.before_upstream(self)
         if d is None:
@@ -261,7 +256,7 @@ class Exchange:
         self.response_started = True
         self.status = status = up.status
         down = self.down
-        listed = connection_tokens(up.headers)
+        drop = HOP_BY_HOP | up.listed if up.listed else HOP_BY_HOP
         no_body = self.head.method == b"HEAD" or status in _NO_BODY_STATUS
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, up.reason or b"")]
         length: bytes | None = None
@@ -271,7 +266,7 @@ class Exchange:
                 length = value
             elif lname == b"transfer-encoding":
                 chunked_in = True
-            elif not is_hop_by_hop(lname, listed):
+            elif lname not in drop and not lname.startswith(b"proxy-"):
                 parts += (name, b": ", value, b"\r\n")
         if no_body:
             if length is not None:
@@ -505,7 +500,6 @@ class Downstream(Protocol):
                 return
         if ex.up is not None or ex.waiting is not None:
             ex.abandon()
-            ex.response_started = ex.response_started  # keep
         if ex.response_started:
             self.abort(ex)
         else:
@@ -547,13 +541,18 @@ class Downstream(Protocol):
         content_length: int | None = None
         chunked = False
         listed: frozenset[bytes] = frozenset()
+        te: bytes | None = None
+        expect = False
         for lname, _name, value in self.headers:
             if lname == b"content-length":
                 content_length = int(value)
             elif lname == b"transfer-encoding":
                 chunked = True
+                te = value
             elif lname == b"connection":
                 listed |= tokens_of(value)
+            elif lname == b"expect":
+                expect = True
         keep_alive = parser.should_keep_alive()
         head = RequestHead(
             parser.get_method(),
@@ -564,6 +563,8 @@ class Downstream(Protocol):
             chunked,
             keep_alive,
             listed,
+            te,
+            expect,
         )
         ex = Exchange(self, head, self.header_error)
         if head.content_length is None and not chunked:
@@ -614,8 +615,6 @@ class Downstream(Protocol):
             if not self.queue:
                 self.resume("pipelined")
             self._begin(nxt)
-            if nxt.request_done and nxt.response_done is False and nxt.up is not None:
-                pass
             return
         self.deadline = self.clock.seconds() + self.route.timeouts.idle
 

@@ -8,7 +8,6 @@ connections keep the context they were made with.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,9 +265,6 @@ def verify_hostname_error(conn: SSL.Connection, name: str) -> str | None:
             + ("" if names else f" ({e})")
         )
     return None
-
-
-Loader = Callable[[], Any]
 
 
 def tls_factory(creator: Any, is_client: bool, wrapped: Any) -> TLSMemoryBIOFactory:
