@@ -215,3 +215,16 @@ PEERS = Path(__file__).parent / "peers"
 def write_config(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path
+
+
+def mtls_server(listen: str, cert: Path, key: Path, client_ca: Path, locations: str) -> str:
+    """An nginx server block that requires a client certificate from client_ca."""
+    return f"""
+        server {{
+          listen {listen} ssl;
+          ssl_certificate {cert};
+          ssl_certificate_key {key};
+          ssl_client_certificate {client_ca};
+          ssl_verify_client on;
+          {locations}
+        }}"""

@@ -15,7 +15,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from proxy import pki
-from tests.harness import PEERS, Nginx, Peer, Sidecar, curl, free_port, running, write_config
+from tests.harness import (
+    PEERS,
+    Nginx,
+    Peer,
+    Sidecar,
+    curl,
+    free_port,
+    mtls_server,
+    running,
+    write_config,
+)
 from tests.pkifactory import make_ca, write_ca
 
 pytestmark = pytest.mark.integration
@@ -86,16 +96,14 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     port = free_port()
     nginx = Nginx(
         d / "nginx",
-        f"""
-        server {{
-          listen 127.0.0.1:{port} ssl;
-          ssl_certificate {d}/origin.pem;
-          ssl_certificate_key {d}/origin.key;
-          ssl_client_certificate {d}/client-ca.pem;
-          ssl_verify_client on;
-          location /reject {{ return 401 "no"; }}
-          location / {{ return 200 "$http_authorization"; }}
-        }}""",
+        mtls_server(
+            f"127.0.0.1:{port}",
+            d / "origin.pem",
+            d / "origin.key",
+            d / "client-ca.pem",
+            'location /reject { return 401 "no"; }\n'
+            'location / { return 200 "$http_authorization"; }',
+        ),
     ).start([("127.0.0.1", port)])
     try:
         yield Env(d, port, nginx)

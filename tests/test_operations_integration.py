@@ -17,7 +17,7 @@ import attrs
 import pytest
 from cryptography import x509
 
-from tests.harness import PEERS, Nginx, Peer, Sidecar, curl, free_port, write_config
+from tests.harness import PEERS, Nginx, Peer, Sidecar, curl, free_port, mtls_server, write_config
 from tests.pkifactory import Issued, make_ca, write_ca
 
 pytestmark = pytest.mark.integration
@@ -97,15 +97,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     port = free_port()
     nginx = Nginx(
         d / "nginx",
-        f"""
-        server {{
-          listen 127.0.0.1:{port} ssl;
-          ssl_certificate {d}/origin.pem;
-          ssl_certificate_key {d}/origin.key;
-          ssl_client_certificate {d}/client-ca.pem;
-          ssl_verify_client on;
-          location / {{ return 200 "$ssl_client_serial"; }}
-        }}""",
+        mtls_server(
+            f"127.0.0.1:{port}",
+            d / "origin.pem",
+            d / "origin.key",
+            d / "client-ca.pem",
+            'location / { return 200 "$ssl_client_serial"; }',
+        ),
     ).start([("127.0.0.1", port)])
     env = Env(d, server_ca, client_ca, port, upstream)
     try:
