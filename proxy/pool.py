@@ -32,20 +32,24 @@ if TYPE_CHECKING:
 _NOTHING: frozenset[bytes] = frozenset()
 
 
-def send_now(transport: Any) -> None:
+def socket_of(transport: Any) -> Any:
+    """The reactor's descriptor under a transport (TLS wraps the TCP one), or None for
+    transports no reactor drives (in-memory ones in tests). Looked up once per connection."""
+    if IWriteDescriptor.providedBy(transport):
+        return transport
+    inner = getattr(transport, "transport", None)
+    return inner if IWriteDescriptor.providedBy(inner) else None
+
+
+def send_now(raw: Any) -> None:
     """Send what this turn queued on a connection now, not on the next reactor turn.
 
     Twisted queues every write until the socket polls writable; on a request/response path that
     costs a poll registration and a dispatch per message. IWriteDescriptor.doWrite() is the
     reactor's own way in: if the socket cannot take the data the rest stays queued and the
-    reactor finishes it (and reports any error) as usual. TLS wraps the TCP transport.
+    reactor finishes it (and reports any error) as usual.
     """
-    raw: Any = transport
-    if not IWriteDescriptor.providedBy(raw):
-        raw = getattr(raw, "transport", None)
-        if not IWriteDescriptor.providedBy(raw):
-            return  # not a reactor-driven descriptor (e.g. in-memory transports)
-    if getattr(raw, "connected", False) and not getattr(raw, "disconnecting", True):
+    if raw is not None and raw.connected and not raw.disconnecting:
         raw.doWrite()
 
 
@@ -65,6 +69,7 @@ class UpstreamConnection(Protocol):
         self.ready: defer.Deferred[UpstreamConnection] | None = defer.Deferred()
         self.exchange: Exchange | None = None
         self.connected = False
+        self.raw: Any = None  # the TCP descriptor, for send_now()
         self.connector: Any = None
         self.verify_error: str | None = None
         self.failure_detail: str | None = None
@@ -79,6 +84,7 @@ class UpstreamConnection(Protocol):
     # ---- connection lifecycle
     def connectionMade(self) -> None:
         self.connected = True
+        self.raw = socket_of(self.transport)
         self.pool.live.add(self)
         self.transport.registerProducer(_Backpressure(self), True)
         if self.tls_name is None:
@@ -113,7 +119,7 @@ class UpstreamConnection(Protocol):
             if down is not None:
                 down.uncork()
                 if not down.gone:
-                    send_now(down.transport)
+                    send_now(down.raw)
 
     def _protocol_error(self, detail: str) -> None:
         ex = self.exchange

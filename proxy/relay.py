@@ -31,7 +31,7 @@ from proxy.http import (
     error_response,
     tokens_of,
 )
-from proxy.pool import UpstreamConnection, send_now
+from proxy.pool import UpstreamConnection, send_now, socket_of
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -445,9 +445,11 @@ class Downstream(Protocol):
         self.header_error: ProxyError | None = None
         self.peer: Any = None  # set by the route: e.g. the verified client certificate
         self.corked: list[bytes] | None = None
+        self.raw: Any = None  # the TCP descriptor, for send_now()
         self.peer_host = ""
 
     def connectionMade(self) -> None:
+        self.raw = socket_of(self.transport)
         self.route.connection_opened(self)
         self.transport.registerProducer(_PausedTransport(self), True)
         peer = self.transport.getPeer()
@@ -484,7 +486,7 @@ class Downstream(Protocol):
             return
         ex = self.exchange
         if ex is not None and ex.up is not None:
-            send_now(ex.up.transport)
+            send_now(ex.up.raw)
 
     def _bad(self, err: ProxyError) -> None:
         """Unparseable input: answer once, then close; nothing more is read."""
