@@ -9,10 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from proxy import config as cfg
-from proxy import pki, tls
+from proxy import oauthglue, pki, tls
 
 # D1's published hosts and the environment their client certificates must name
 D1_HOST_ENV = {"api.d1-stg.thalescloud.io": "PPR", "api.d1.thalescloud.io": "PRD"}
@@ -62,12 +60,9 @@ def findings_for(
         prefix = f"egress[{index}] ({r.name})"
 
         def egress_checks(r: cfg.EgressRoute = r, prefix: str = prefix) -> None:
-            pair = tls.load_key_pair(
-                r.client_cert, r.client_key, r.profile,
-                cert_what="client_cert", key_what="client_key",
-            )  # fmt: skip
+            pair = tls.build_client_material(r).pair  # exactly what `run` loads
+            assert pair is not None
             certificate(f"{prefix}.client_cert", r.client_cert, list(pair.chain), "client")
-            tls.client_context(pair, r.trust, r.profile)
             if r.profile == "d1":
                 env = r.env or D1_HOST_ENV.get(r.upstream.host)
                 for problem in pki.d1_client_cert_problems(pair.leaf, env):
@@ -78,11 +73,7 @@ def findings_for(
             o = r.oauth
 
             def oauth_checks(o: cfg.EgressOAuth = o) -> None:
-                key = tls.read_key(o.signing_key, "oauth.signing_key")
-                if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-                    raise tls.MaterialError(
-                        f"oauth.signing_key {o.signing_key}: D1 requires an ES256 (P-256) key"
-                    )
+                oauthglue.signing_key(o)  # the loader `run` uses
 
             guarded(f"{prefix}.oauth.signing_key", oauth_checks)
 
@@ -90,10 +81,8 @@ def findings_for(
         prefix = f"ingress[{index}] ({ri.name})"
 
         def ingress_checks(r: cfg.IngressRoute = ri, prefix: str = prefix) -> None:
-            pair = tls.load_key_pair(
-                r.server_cert, r.server_key, r.profile,
-                cert_what="server_cert", key_what="server_key",
-            )  # fmt: skip
+            material = tls.build_server_material(r)  # exactly what `run` loads
+            pair = material.pair
             certificate(f"{prefix}.server_cert", r.server_cert, list(pair.chain), "server")
             if r.server_name and not pki.san_covers(pair.leaf, r.server_name):
                 add(
@@ -108,10 +97,8 @@ def findings_for(
                     f"{prefix}.server_cert",
                     f"{r.server_cert}: holds the leaf only; serve the full chain (intermediates)",
                 )
-            cas = tls.read_chain(r.client_ca, "client_ca")
-            for ca in cas:
+            for ca in material.client_cas:
                 certificate(f"{prefix}.client_ca", r.client_ca, [ca], "client CA")
-            tls.server_context(pair, r.client_ca, r.profile, b"check")
 
         guarded(f"{prefix}.server_cert", ingress_checks)
     return findings, config

@@ -70,23 +70,28 @@ def error_body(err: ProxyError, route: str) -> bytes:
     ).encode()
 
 
+def response(
+    status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes, *, keep_alive: bool
+) -> bytes:
+    """A whole response the sidecar answers itself, framed by Content-Length."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"Content-Length: %d\r\n" % len(body))
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
+
 def error_response(
     err: ProxyError, route: str, *, keep_alive: bool, extra: Iterable[tuple[bytes, bytes]] = ()
 ) -> bytes:
-    body = error_body(err, route)
-    lines = [
-        b"HTTP/1.1 %d %s" % (err.status, _reason(err.status)),
-        b"Content-Type: application/json",
-        b"Content-Length: %d" % len(body),
-        b"Cache-Control: no-store",
-    ]
-    lines += [name + b": " + value for name, value in extra]
-    if not keep_alive:
-        lines.append(b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    headers = [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store"), *extra]
+    return response(err.status, headers, error_body(err, route), keep_alive=keep_alive)
 
 
-def _reason(status: int) -> bytes:
+def reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
     except ValueError:

@@ -206,7 +206,7 @@ def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
         raise ValueError(f"{path}: not an unencrypted PEM private key ({e})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         kind = key.curve.name if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
-        raise ValueError(f"{path}: ES256 needs an EC P-256 private key, got {kind}")
+        raise ValueError(f"{path}: {kind}; D1 requires an ES256 (P-256) key")
     return key
 
 

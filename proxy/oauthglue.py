@@ -58,13 +58,21 @@ class EgressToken:
                 self.source.invalidate(value[7:].decode("ascii"))
 
 
+def signing_key(o: cfg.EgressOAuth) -> Any:
+    """The ES256 assertion key, or MaterialError naming the key and the file."""
+    try:
+        return oauth.load_signing_key(o.signing_key)
+    except ValueError as e:
+        raise tls.MaterialError(f"oauth.signing_key {e}") from None
+
+
 def egress_token_source(
     sidecar: Sidecar, rc: cfg.EgressRoute, client: tls.ClientTLS
 ) -> EgressToken:
     o = rc.oauth
     assert o is not None
+    key = signing_key(o)
     try:
-        key = oauth.load_signing_key(o.signing_key)
         settings = oauth.OAuthSettings(
             token_url=o.token_url,
             issuer=o.issuer,
@@ -74,8 +82,8 @@ def egress_token_source(
             body=o.body,  # type: ignore[arg-type]
             authorization_mode=o.authorization,  # type: ignore[arg-type]
         )
-    except (ValueError, OSError) as e:
-        raise tls.MaterialError(f"oauth.signing_key {o.signing_key}: {e}") from None
+    except ValueError as e:
+        raise tls.MaterialError(f"oauth: {e}") from None
     fetch = oauth.AgentFetcher(
         sidecar.reactor, o.token_url, _RoutePolicy(client), connect_timeout=rc.timeouts.connect
     )

@@ -62,6 +62,7 @@ class UpstreamConnection(Protocol):
     def __init__(self, pool: Pool, address: str, tls_name: str | None, now: float) -> None:
         self.pool = pool
         self.address = address
+        self.label = f"{address}:{pool.port}"  # for logs
         self.tls_name = tls_name
         self.created = now
         self.generation = pool.generation

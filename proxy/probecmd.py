@@ -1,7 +1,7 @@
 """`mtls-sidecar probe`: dial an egress route's upstream the way `run` does, and say what happened.
 
 The dial goes through the same pieces as the data path: the route's client material
-(`service.build_client_material`), `tls.ClientTLS`, the configured resolver and `pool.Pool`, so
+(`tls.build_client_material`), `tls.ClientTLS`, the configured resolver and `pool.Pool`, so
 the verification verdict is the one `run` would reach. One pool per DNS answer makes every
 address's result visible. A short `GET /` on a verified connection tells whether the server
 accepted our client certificate: with TLS 1.3 a server judges it only after the handshake.
@@ -28,7 +28,6 @@ from proxy.http import ProxyError
 from proxy.metrics import Metrics
 from proxy.pool import Pool, UpstreamConnection
 from proxy.resolver import DNSResolver, resolve
-from proxy.service import build_client_material
 
 if TYPE_CHECKING:
     from proxy.service import Sidecar
@@ -219,7 +218,7 @@ class _Prober:
             str(rc.trust) if rc.trust else "Mozilla bundle (certifi)",
         )
         try:
-            material = build_client_material(rc)
+            material = tls.build_client_material(rc)
         except tls.MaterialError as e:
             report.error = str(e)
             return report

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
-from http import HTTPStatus
 from typing import Any
 
 import httptools
@@ -29,6 +28,7 @@ from proxy.http import (
     check_request_framing,
     chunk,
     error_response,
+    response,
     tokens_of,
 )
 from proxy.pool import UpstreamConnection, send_now, socket_of
@@ -156,7 +156,7 @@ class Exchange:
             self.route.pool.release(up, reusable=True)  # fresh and unused: keep it
             return
         self.up = up
-        self.up_address = f"{up.address}:{up.pool.port}"
+        self.up_address = up.label
         up.exchange = self
         head = self.head
         framing = (
@@ -218,7 +218,7 @@ class Exchange:
             self.up.deadline = self.down.clock.seconds() + self.route.timeouts.response
         elif self.body_buffer is not None:
             self.body_buffer.append(data)
-            if sum(map(len, self.body_buffer)) > _BUFFER_HIGH:
+            if self.body_seen > _BUFFER_HIGH:  # all of it is buffered until attached
                 self.down.pause("waiting-upstream")
 
     def request_complete(self) -> None:
@@ -240,14 +240,7 @@ class Exchange:
         self.status = status
         self.response_done = True
         down = self.down
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"Content-Length: %d\r\n" % len(body))
-        if not down.keep_alive:
-            parts.append(b"Connection: close\r\n")
-        parts += (b"\r\n", body)
-        down.write(b"".join(parts))
+        down.write(response(status, headers, body, keep_alive=down.keep_alive))
         self.bytes_out = len(body)
         down.exchange_finished(self)
 
@@ -387,13 +380,6 @@ class Exchange:
         if up is not None:
             up.exchange = None
             up.abort()
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
 
 
 class _PausedTransport:

@@ -50,30 +50,6 @@ def key_material_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
     return [p for p in paths if p is not None]
 
 
-def build_client_material(route: cfg.EgressRoute) -> tls.ClientMaterial:
-    pair = tls.load_key_pair(
-        route.client_cert, route.client_key, route.profile,
-        cert_what="client_cert", key_what="client_key",
-    )  # fmt: skip
-    return tls.ClientMaterial(pair, tls.client_context(pair, route.trust, route.profile))
-
-
-def build_server_material(route: cfg.IngressRoute) -> tls.ServerMaterial:
-    pair = tls.load_key_pair(
-        route.server_cert, route.server_key, route.profile,
-        cert_what="server_cert", key_what="server_key",
-    )  # fmt: skip
-    ctx, cas = tls.server_context(
-        pair, route.client_ca, route.profile, f"mtls-sidecar/{route.name}".encode()
-    )
-    return tls.ServerMaterial(pair, tuple(cas), ctx)
-
-
-def build_upstream_material(route: cfg.IngressRoute) -> tls.ClientMaterial:
-    """TLS toward an https internal upstream: its own trust, no client certificate."""
-    return tls.ClientMaterial(None, tls.client_context(None, route.upstream_trust, route.profile))
-
-
 def _signature(paths: list[Path]) -> tuple[tuple[str, float, int, int], ...]:
     """What changes when a file is replaced, including a Kubernetes symlink swap."""
     out = []
@@ -95,15 +71,12 @@ class Sidecar:
         config: cfg.Config,
         reactor: Any,
         *,
-        environ: Mapping[str, str] | None = None,
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
         notifier: Any = None,
-        extensions: Callable[[Sidecar], None] | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
-        self.environ = os.environ if environ is None else environ
         self.metrics = metrics or Metrics.create()
         self.access_log = access_log or AccessLog(None, config.service.access_log)
         self.notifier = notifier
@@ -117,7 +90,6 @@ class Sidecar:
         self._stopping: defer.Deferred[None] | None = None
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
-        self.extensions = extensions
 
     # ---- build (raises tls.MaterialError before anything listens)
     def build(self) -> None:
@@ -148,7 +120,7 @@ class Sidecar:
         )
 
     def _build_egress(self, rc: cfg.EgressRoute) -> RouteState:
-        material = build_client_material(rc)
+        material = tls.build_client_material(rc)
         client = tls.ClientTLS(material, rc.server_name or rc.upstream.host)
         pool = self._pool(rc.name, rc.upstream, client, rc)
         token_source = None
@@ -167,10 +139,10 @@ class Sidecar:
         return RouteState(rc, route, client_tls=client)
 
     def _build_ingress(self, ri: cfg.IngressRoute) -> RouteState:
-        server = tls.ServerTLS(build_server_material(ri))
+        server = tls.ServerTLS(tls.build_server_material(ri))
         client = None
         if ri.upstream.scheme == "https":
-            client = tls.ClientTLS(build_upstream_material(ri), ri.upstream.host)
+            client = tls.ClientTLS(tls.build_upstream_material(ri), ri.upstream.host)
         pool = self._pool(ri.name, ri.upstream, client, ri)
         endpoint = None
         if ri.oauth is not None:
@@ -213,8 +185,6 @@ class Sidecar:
             self._watcher = task.LoopingCall(self._watch)
             self._watcher.clock = self.reactor
             self._watcher.start(interval, now=False)
-        if self.extensions is not None:
-            self.extensions(self)
         self.ready = True
         if self.notifier is not None:
             self.notifier.ready(f"{len(self.routes)} routes")
@@ -263,12 +233,12 @@ class Sidecar:
             upstream_tls: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = []
             for state in self.routes:
                 if isinstance(state.config, cfg.EgressRoute):
-                    built.append((state, build_client_material(state.config)))
+                    built.append((state, tls.build_client_material(state.config)))
                 else:
-                    built.append((state, build_server_material(state.config)))
+                    built.append((state, tls.build_server_material(state.config)))
                     if state.client_tls is not None:  # an https internal upstream
                         upstream_tls.append(
-                            (state.client_tls, build_upstream_material(state.config))
+                            (state.client_tls, tls.build_upstream_material(state.config))
                         )
         except tls.MaterialError as e:
             self.metrics.reloads.labels("failure").inc()

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
+from proxy import config as cfg
 from proxy import pki
 
 # TLS 1.2: ECDHE with AEAD only; TLS 1.3 suites are all AEAD and left to OpenSSL's defaults.
@@ -275,3 +276,28 @@ def tls_factory(creator: Any, is_client: bool, wrapped: Any) -> TLSMemoryBIOFact
     factory.protocol = TLSMemoryBIOProtocol
     factory.noisy = False
     return factory
+
+
+# --------------------------------------------------------------------------- from config
+def build_client_material(route: cfg.EgressRoute) -> ClientMaterial:
+    pair = load_key_pair(
+        route.client_cert, route.client_key, route.profile,
+        cert_what="client_cert", key_what="client_key",
+    )  # fmt: skip
+    return ClientMaterial(pair, client_context(pair, route.trust, route.profile))
+
+
+def build_server_material(route: cfg.IngressRoute) -> ServerMaterial:
+    pair = load_key_pair(
+        route.server_cert, route.server_key, route.profile,
+        cert_what="server_cert", key_what="server_key",
+    )  # fmt: skip
+    ctx, cas = server_context(
+        pair, route.client_ca, route.profile, f"mtls-sidecar/{route.name}".encode()
+    )
+    return ServerMaterial(pair, tuple(cas), ctx)
+
+
+def build_upstream_material(route: cfg.IngressRoute) -> ClientMaterial:
+    """TLS toward an https internal upstream: its own trust, no client certificate."""
+    return ClientMaterial(None, client_context(None, route.upstream_trust, route.profile))
