@@ -19,6 +19,10 @@ from pathlib import Path
 
 import attrs
 import pytest
+from cryptography.hazmat.primitives import serialization
+
+from proxy import pki
+from proxy.testing import Issued, make_ca, write_ca
 
 BIN = Path(sys.executable).parent
 SIDECAR = str(BIN / "mtls-sidecar")
@@ -228,3 +232,29 @@ def mtls_server(listen: str, cert: Path, key: Path, client_ca: Path, locations: 
           ssl_verify_client on;
           {locations}
         }}"""
+
+
+CLIENT_SUBJECT = "C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR"
+
+
+def origin_pki(d: Path, dns: tuple[str, ...] = ("localhost",)) -> tuple[Issued, Issued]:
+    """The usual egress test PKI in d: server-ca.pem, client-ca.pem, origin.{pem,key} for
+    localhost/127.0.0.1, client.{pem,key} under D1's CN policy. Returns (server CA, client CA)."""
+    server_ca = make_ca("C=FR,O=Origin PKI,CN=Origin Root")
+    client_ca = make_ca("C=FR,O=Thales-like,CN=Client CA")
+    write_ca(server_ca, d / "server-ca.pem")
+    write_ca(client_ca, d / "client-ca.pem")
+    server_ca.issue("CN=localhost", dns=dns, ips=("127.0.0.1",), server=True).write(d, "origin")
+    client_ca.issue(CLIENT_SUBJECT, client=True).write(d, "client")
+    return server_ca, client_ca
+
+
+def write_oauth_key(d: Path) -> None:
+    """oauth.key (ES256 signing key) and oauth.pub (its public half, for the token server)."""
+    key = pki.make_oauth_key()
+    (d / "oauth.key").write_bytes(pki.private_key_pem(key))
+    (d / "oauth.pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )

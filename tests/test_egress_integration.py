@@ -18,10 +18,11 @@ from tests.harness import (
     Sidecar,
     curl,
     free_port,
+    origin_pki,
     running,
     write_config,
 )
-from tests.pkifactory import DAY, NOW, Issued, make_ca, write_ca
+from tests.pkifactory import DAY, NOW, Issued, make_ca
 
 pytestmark = pytest.mark.integration
 
@@ -67,13 +68,9 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("egress")
-    server_ca = make_ca("C=FR,O=Origin PKI,CN=Origin Root")
+    server_ca, client_ca = origin_pki(d)
     other_ca = make_ca("C=FR,O=Someone Else,CN=Other Root")
-    client_ca = make_ca("C=FR,O=Thales-like,CN=Client CA")
-    write_ca(server_ca, d / "server-ca.pem")
-    write_ca(client_ca, d / "client-ca.pem")
     names = {"dns": ("localhost",), "ips": ("127.0.0.1",), "server": True}
-    server_ca.issue("CN=localhost", **names).write(d, "origin")  # type: ignore[arg-type]
     other_ca.issue("CN=localhost", **names).write(d, "wrongca")  # type: ignore[arg-type]
     server_ca.issue(
         "CN=localhost",
@@ -82,9 +79,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         **names,  # type: ignore[arg-type]
     ).write(d, "expired")
     server_ca.issue("CN=elsewhere", dns=("elsewhere.example",), server=True).write(d, "othername")
-    client_ca.issue("C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR", client=True).write(
-        d, "client"
-    )
     ports = {k: free_port() for k in ("good", "wrongca", "expired", "othername", "tls11", "plain")}
     (d / "big.bin").write_bytes(b"")
     with (d / "big.bin").open("r+b") as f:

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from cryptography.hazmat.primitives import serialization
 
-from proxy import pki
 from tests.harness import (
     PEERS,
     Nginx,
@@ -23,10 +21,11 @@ from tests.harness import (
     curl,
     free_port,
     mtls_server,
+    origin_pki,
     running,
     write_config,
+    write_oauth_key,
 )
-from tests.pkifactory import make_ca, write_ca
 
 pytestmark = pytest.mark.integration
 
@@ -77,22 +76,8 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("oauth")
-    server_ca = make_ca("C=FR,O=Origin PKI,CN=Origin Root")
-    client_ca = make_ca("C=FR,O=Thales-like,CN=Client CA")
-    write_ca(server_ca, d / "server-ca.pem")
-    write_ca(client_ca, d / "client-ca.pem")
-    names = {"dns": ("localhost",), "ips": ("127.0.0.1",), "server": True}
-    server_ca.issue("CN=localhost", **names).write(d, "origin")  # type: ignore[arg-type]
-    client_ca.issue("C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR", client=True).write(
-        d, "client"
-    )
-    key = pki.make_oauth_key()
-    (d / "oauth.key").write_bytes(pki.private_key_pem(key))
-    (d / "oauth.pub").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    origin_pki(d)
+    write_oauth_key(d)
     port = free_port()
     nginx = Nginx(
         d / "nginx",

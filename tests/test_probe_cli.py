@@ -11,15 +11,21 @@ from pathlib import Path
 
 import attrs
 import pytest
-from cryptography.hazmat.primitives import serialization
 
-from proxy import pki
-from tests.harness import PEERS, SIDECAR, Nginx, Peer, free_port, running, write_config
+from tests.harness import (
+    PEERS,
+    SIDECAR,
+    Nginx,
+    Peer,
+    free_port,
+    origin_pki,
+    running,
+    write_config,
+    write_oauth_key,
+)
 from tests.pkifactory import make_ca, write_ca
 
 pytestmark = pytest.mark.integration
-
-CLIENT_SUBJECT = "C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR"
 
 
 @attrs.frozen
@@ -73,24 +79,13 @@ def probe(config: Path, *args: str) -> Probe:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("probe")
-    server_ca = make_ca("C=FR,O=Origin PKI,CN=Origin Root")
+    origin_pki(d, dns=("localhost", "probe.test"))
     other_ca = make_ca("C=FR,O=Someone Else,CN=Other Root")
-    client_ca = make_ca("C=FR,O=Thales-like,CN=Client CA")
     stranger_ca = make_ca("C=FR,O=Stranger,CN=Stranger Client CA")
-    write_ca(server_ca, d / "server-ca.pem")
-    write_ca(client_ca, d / "client-ca.pem")
     write_ca(stranger_ca, d / "stranger-ca.pem")
     names: dict[str, object] = {"dns": ("localhost", "probe.test"), "ips": ("127.0.0.1",)}
-    server_ca.issue("CN=localhost", server=True, **names).write(d, "origin")  # type: ignore[arg-type]
     other_ca.issue("CN=localhost", server=True, **names).write(d, "wrongca")  # type: ignore[arg-type]
-    client_ca.issue(CLIENT_SUBJECT, client=True).write(d, "client")
-    key = pki.make_oauth_key()
-    (d / "oauth.key").write_bytes(pki.private_key_pem(key))
-    (d / "oauth.pub").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    write_oauth_key(d)
     ports = {k: free_port() for k in ("good", "wrongca", "refuses")}
 
     def server(port: int, stem: str, client_ca: str) -> str:
