@@ -33,7 +33,10 @@ def _run(args: argparse.Namespace) -> int:
     except tls.MaterialError as e:
         print(f"mtls-sidecar: {config.path}: {e}", file=sys.stderr)
         return 2
-    start_logging(config.service.log_format)
+    accept_errors = start_logging(config.service.log_format)
+    accept_errors.on_error = lambda reason: sidecar.metrics.accept_errors.labels(reason).inc()
+    sidecar.accept_errors = accept_errors
+    raise_fd_limit()
     result = {"code": 0}
 
     def started() -> None:
@@ -57,6 +60,16 @@ def _run(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(started)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return result["code"]
+
+
+def raise_fd_limit() -> None:
+    """Use the hard limit on open files, as nginx's worker_rlimit_nofile would: the soft limit
+    (often 1024) is far below what max_connections allows, and systemd's hard one is high."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def settle_heap() -> None:

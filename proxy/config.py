@@ -82,7 +82,11 @@ class Limits:
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
     max_body_bytes: int = 10 * 1024 * 1024
-    max_connections: int = 1024
+    max_connections: int = 1024  # at the limit the listener stops accepting (as nginx does)
+    max_pipelined: int = 16  # requests queued behind the one in flight on a connection
+    max_response_header_bytes: int = 32 * 1024  # an upstream's response head
+    max_response_headers: int = 100
+    min_body_rate: int = 1024  # bytes/s a request body must average once body_timeout is used
 
 
 @attrs.frozen
@@ -92,6 +96,10 @@ class Timeouts:
     header: float = 10.0  # first byte of a request -> complete request head
     idle: float = 60.0  # downstream keep-alive idle
     pool_idle: float = 15.0  # an idle pooled upstream connection is closed after this
+    handshake: float = 5.0  # TCP accept -> TLS handshake done (ingress)
+    body: float = 20.0  # a request body's allowance before min_body_rate applies
+    send: float = 30.0  # a client that takes none of what we owe it for this long is cut
+    close_grace: float = 1.0  # after our close: the peer's close is awaited this long at most
 
 
 @attrs.frozen
@@ -381,6 +389,10 @@ class _Loader:
             ("max_headers", _int, 1),
             ("max_body_bytes", parse_size, 0),  # 0: no request body accepted
             ("max_connections", _int, 1),
+            ("max_pipelined", _int, 0),
+            ("max_response_header_bytes", parse_size, 1024),
+            ("max_response_headers", _int, 1),
+            ("min_body_rate", parse_size, 1),
         ):
             value = r.get(key, parse, None)
             if value is not None and value < minimum:
@@ -398,6 +410,10 @@ class _Loader:
             ("header", "header_timeout"),
             ("idle", "idle_timeout"),
             ("pool_idle", "pool_idle_timeout"),
+            ("handshake", "handshake_timeout"),
+            ("body", "body_timeout"),
+            ("send", "send_timeout"),
+            ("close_grace", "close_grace"),
         ):
             value = r.get(key, parse_duration, None)
             if value == 0:

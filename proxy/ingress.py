@@ -87,16 +87,24 @@ class Ingress(Route):
         )
 
     def connection_closed(self, down: Downstream, reason: Failure) -> None:
-        if down.peer is None and not reason.check(type(None)):
-            label = handshake_reason(down, reason)
+        if not down.handshake_done:
+            if down.handshake_timed_out:
+                label, detail = (
+                    "handshake_timeout",
+                    (f"no TLS handshake within {self.timeouts.handshake:g}s"),
+                )
+            else:
+                label = handshake_reason(down, reason)
+                detail = getattr(down, "verify_error", None) or reason.getErrorMessage()
             if label != "handshake_failed" or "SSL" in repr(reason.value):
                 self.metrics.handshake_errors.labels(self.name, label).inc()
-                self.log.info(
+                self.peer_log.info(
+                    f"handshake:{label}",
                     "{route}: TLS handshake from {client} refused: {reason} ({detail})",
                     route=self.name,
                     client=down.peer_host,
                     reason=label,
-                    detail=getattr(down, "verify_error", None) or reason.getErrorMessage(),
+                    detail=detail,
                 )
         super().connection_closed(down, reason)
 
@@ -115,7 +123,8 @@ class Ingress(Route):
         if peer is None:
             raise ProxyError(403, "forbidden", "no verified client certificate")
         if not peer.allowed:
-            self.log.warn(
+            self.peer_log.warn(
+                "subject_not_allowed",
                 "{route}: client subject {subject} refused: not in allow_subjects",
                 route=self.name,
                 subject=peer.subject,

@@ -8,9 +8,11 @@ import json
 import sys
 from typing import IO, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -53,11 +55,69 @@ class LineObserver:
         self.stream.flush()
 
 
-def start_logging(fmt: str, stream: IO[str] | None = None, level: LogLevel = LogLevel.info) -> None:
+# Twisted's listening ports log 2-3 lines per connection they cannot accept (out of fds).
+_ACCEPT_STORY = (
+    "EMFILE encountered",
+    "Re-reserving EMFILE",
+    "Could not reserve EMFILE",
+    "Could not re-reserve EMFILE",
+)
+
+
+@implementer(ILogObserver)
+class AcceptErrors:
+    """Turns Twisted's per-connection accept-error lines into a count per reason (for
+    accept_errors_total) and one summary line per interval: a flood of connections at the fd
+    limit must not become a flood of log lines."""
+
+    def __init__(self, observer: ILogObserver, interval: float = 10.0) -> None:
+        self.observer = observer
+        self.interval = interval
+        self.on_error: Any = None  # reason -> None, e.g. a metrics counter's inc
+        self.pending: dict[str, int] = {}
+        self.last = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        fmt = event.get("log_format") or ""
+        if fmt.startswith("EMFILE recovery: Closed socket"):
+            self._count("emfile")
+        elif fmt.startswith("Could not accept new connection"):
+            self._count(str(event.get("acceptError", "unknown")).lower())
+        elif not fmt.startswith(_ACCEPT_STORY):
+            self.observer(event)
+
+    def _count(self, reason: str) -> None:
+        self.pending[reason] = self.pending.get(reason, 0) + 1
+        if self.on_error is not None:
+            self.on_error(reason)
+
+    def flush(self, now: float) -> None:
+        if not self.pending or now - self.last < self.interval:
+            return
+        self.last = now
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.pending.items()))
+        self.pending = {}
+        self.observer(
+            {
+                "log_format": "connections refused at accept (file descriptor or memory "
+                "limits): {counts}",
+                "counts": counts,
+                "log_level": LogLevel.warn,
+                "log_namespace": "proxy.accept",
+                "log_time": now,
+            }
+        )
+
+
+def start_logging(
+    fmt: str, stream: IO[str] | None = None, level: LogLevel = LogLevel.info
+) -> AcceptErrors:
     observer = FilteringLogObserver(
         LineObserver(stream or sys.stdout, fmt), [LogLevelFilterPredicate(defaultLogLevel=level)]
     )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    accept_errors = AcceptErrors(observer)
+    globalLogBeginner.beginLoggingTo([accept_errors], redirectStandardIO=False)
+    return accept_errors
 
 
 class AccessLog:
@@ -75,3 +135,50 @@ class AccessLog:
     def flush(self) -> None:
         if self.enabled:
             self.stream.flush()
+
+
+class RateLimitedLog:
+    """Log lines a peer can cause once per connection: at most `burst` lines per key in each
+    `interval`, and one line summing up what was held back. Exact counts go to metrics."""
+
+    def __init__(self, logger: Logger, clock: IReactorTime, interval: float = 10.0,
+                 burst: int = 5) -> None:  # fmt: skip
+        self.logger, self.clock = logger, clock
+        self.interval, self.burst = interval, burst
+        self._windows: dict[str, list[float]] = {}  # key -> [start, emitted, held back]
+
+    def warn(self, key: str, fmt: str, **kw: Any) -> None:
+        self.emit(LogLevel.warn, key, fmt, **kw)
+
+    def info(self, key: str, fmt: str, **kw: Any) -> None:
+        self.emit(LogLevel.info, key, fmt, **kw)
+
+    def emit(self, level: LogLevel, key: str, fmt: str, **kw: Any) -> None:
+        now = self.clock.seconds()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.interval:
+            if window is not None:
+                self._summary(key, window)
+            window = self._windows[key] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            self.logger.emit(level, fmt, **kw)
+        else:
+            window[2] += 1
+
+    def flush(self, now: float) -> None:
+        """Close the windows that ended (called by the periodic sweep)."""
+        for key, window in list(self._windows.items()):
+            if now - window[0] >= self.interval:
+                del self._windows[key]
+                self._summary(key, window)
+
+    def _summary(self, key: str, window: list[float]) -> None:
+        if window[2]:
+            self.logger.warn(
+                "{count} more '{key}' lines held back in the last {interval:g}s "
+                "(exact counts are in /metrics)",
+                count=int(window[2]),
+                key=key,
+                interval=self.interval,
+            )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -65,6 +65,24 @@ class _RequestCollector(Collector):
         yield durations
 
 
+class _PoolCollector(Collector):
+    """Upstream connections by state, read from the pools at scrape time."""
+
+    def __init__(self) -> None:
+        self.pools: list[tuple[str, Callable[[], dict[str, int]]]] = []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "mtls_sidecar_upstream_connections",
+            "Upstream connections by route and state (connecting, active, idle).",
+            labels=["route", "state"],
+        )
+        for route, states in self.pools:
+            for state, n in states().items():
+                family.add_metric([route, state], n)
+        yield family
+
+
 @attrs.define
 class Metrics:
     registry: CollectorRegistry
@@ -77,6 +95,13 @@ class Metrics:
     oauth_token_fetches: Counter
     oauth_token_failures: Counter
     oauth_token_expiry: Gauge
+    accept_errors: Counter
+    connections_refused: Counter
+
+    pools: _PoolCollector = attrs.field(factory=_PoolCollector)
+
+    def watch_pool(self, route: str, states: Callable[[], dict[str, int]]) -> None:
+        self.pools.pools.append((route, states))
 
     def route_stats(self, route: str, direction: str) -> RouteStats:
         stats = RouteStats(route, direction)
@@ -89,7 +114,10 @@ class Metrics:
         p = "mtls_sidecar_"
         routes: list[RouteStats] = []
         r.register(_RequestCollector(routes))
+        pools = _PoolCollector()
+        r.register(pools)
         return cls(
+            pools=pools,
             registry=r,
             routes=routes,
             handshake_errors=Counter(
@@ -132,6 +160,18 @@ class Metrics:
                 p + "oauth_token_expiry_seconds",
                 "Seconds until the cached OAuth token expires.",
                 ["route"],
+                registry=r,
+            ),
+            accept_errors=Counter(
+                p + "accept_errors",
+                "Connections the kernel handed over but could not be accepted, by reason.",
+                ["reason"],
+                registry=r,
+            ),
+            connections_refused=Counter(
+                p + "connections_refused",
+                "Accepted connections closed at once: over max_connections, or draining.",
+                ["route", "reason"],
                 registry=r,
             ),
         )

@@ -67,9 +67,14 @@ class UpstreamConnection(Protocol):
         self.created = now
         self.generation = pool.generation
         self.deadline = now + pool.connect_timeout
-        self.ready: defer.Deferred[UpstreamConnection] | None = defer.Deferred()
+        self.ready: defer.Deferred[UpstreamConnection] | None = defer.Deferred(self._orphan)
+        self.orphaned = False  # the exchange that asked for it went away before it was ready
+        self.closing = False
         self.exchange: Exchange | None = None
         self.connected = False
+        self.in_head = False
+        self.head_bytes = 0
+        self.head_error: str | None = None
         self.raw: Any = None  # the TCP descriptor, for send_now()
         self.connector: Any = None
         self.verify_error: str | None = None
@@ -100,10 +105,16 @@ class UpstreamConnection(Protocol):
             return
         self._ready()
 
+    def _orphan(self, d: defer.Deferred[UpstreamConnection]) -> None:
+        """The request waiting for this connection is gone (the client gave up)."""
+        self.orphaned = True
+
     def _ready(self) -> None:
         self.deadline = 0.0
         d, self.ready = self.ready, None
-        if d is not None:
+        if self.orphaned:  # nobody waits for it: keep it for the next request, or close it
+            self.pool.release(self, reusable=True)
+        elif d is not None:
             d.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -112,6 +123,15 @@ class UpstreamConnection(Protocol):
             down.cork()
         try:
             self.parser.feed_data(data)
+            if self.in_head and self.head_error is None:  # httptools holds a partial head
+                self.head_bytes += len(data)
+                if self.head_bytes > self.pool.max_head_bytes:
+                    self.head_error = f"response head over {self.pool.max_head_bytes} bytes"
+            if self.head_error is not None:
+                self._protocol_error(
+                    f"{self.head_error} (max_response_header_bytes/max_response_headers)",
+                    "upstream_header_too_large",
+                )
         except httptools.HttpParserUpgrade:
             self._protocol_error("upstream switched protocols; not supported")
         except httptools.HttpParserError as e:
@@ -122,12 +142,12 @@ class UpstreamConnection(Protocol):
                 if not down.gone:
                     send_now(down.raw)
 
-    def _protocol_error(self, detail: str) -> None:
+    def _protocol_error(self, detail: str, code: str = "bad_gateway") -> None:
         ex = self.exchange
         self.exchange = None
         self.transport.abortConnection()
         if ex is not None:
-            ex.upstream_failed(ProxyError(502, "bad_gateway", detail))
+            ex.upstream_failed(ProxyError(502, code, detail))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
@@ -160,17 +180,31 @@ class UpstreamConnection(Protocol):
         self.headers = []
         self.reason = b""
         self.listed = _NOTHING
+        self.in_head = True
+        self.head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_error is not None:
+            return
+        if len(self.headers) >= self.pool.max_head_fields:
+            self.head_error = f"more than {self.pool.max_head_fields} response header fields"
+            return
         lname = name.lower()
         if lname == b"connection":
             self.listed |= tokens_of(value)
         self.headers.append((lname, name, value))
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.head_error is None:
+            size = len(self.reason) + sum(len(n) + len(v) + 4 for _l, n, v in self.headers)
+            if size > self.pool.max_head_bytes:
+                self.head_error = f"response head over {self.pool.max_head_bytes} bytes"
+        if self.head_error is not None:
+            return  # answered 502 once feed_data returns; nothing of this head is forwarded
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         if self.status < 200 or self.exchange is None:
@@ -178,11 +212,11 @@ class UpstreamConnection(Protocol):
         self.exchange.response_head(self)
 
     def on_body(self, data: bytes) -> None:
-        if self.exchange is not None:
+        if self.exchange is not None and self.head_error is None:
             self.exchange.response_body(data)
 
     def on_message_complete(self) -> None:
-        if self.status >= 200 and self.exchange is not None:
+        if self.status >= 200 and self.exchange is not None and self.head_error is None:
             self.exchange.response_complete()
 
     def reset_parser(self) -> None:
@@ -205,8 +239,16 @@ class UpstreamConnection(Protocol):
         self.transport.write(data)
 
     def close(self) -> None:
-        if self.connected:
+        """Our close_notify, then TCP closes without waiting for the upstream's reply (the
+        producer is unregistered first: Twisted's TLS postpones its shutdown until it is);
+        the sweep aborts what is still open after close_grace."""
+        if self.connected and not self.closing:
+            self.closing = True
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
+            if self.raw is not None and self.raw is not self.transport:
+                self.raw.loseConnection()
+            self.deadline = self.pool.clock.seconds() + self.pool.close_grace
 
     def abort(self) -> None:
         if self.connected:
@@ -275,6 +317,9 @@ class Pool:
         idle_timeout: float,
         max_age: float,
         max_idle: int,
+        max_head_bytes: int = 32 * 1024,
+        max_head_fields: int = 100,
+        close_grace: float = 1.0,
         on_connect: Callable[[str], None] = lambda result: None,
         on_handshake_error: Callable[[str], None] = lambda detail: None,
     ) -> None:
@@ -282,6 +327,8 @@ class Pool:
         self.host, self.port, self.tls = host, port, tls
         self.connect_timeout, self.idle_timeout = connect_timeout, idle_timeout
         self.max_age, self.max_idle = max_age, max_idle
+        self.max_head_bytes, self.max_head_fields = max_head_bytes, max_head_fields
+        self.close_grace = close_grace
         self.on_connect, self.on_handshake_error = on_connect, on_handshake_error
         self.idle: list[UpstreamConnection] = []
         self.live: set[UpstreamConnection] = set()
@@ -292,7 +339,7 @@ class Pool:
         now = self.clock.seconds()
         while self.idle:
             conn = self.idle.pop()
-            if conn.connected and now - conn.created < self.max_age:
+            if conn.connected and not conn.closing and now - conn.created < self.max_age:
                 conn.deadline = 0.0
                 return conn
             conn.close()
@@ -345,6 +392,7 @@ class Pool:
         if (
             reusable
             and conn.connected
+            and not conn.closing
             and conn.generation == self.generation
             and now - conn.created < self.max_age
             and len(self.idle) < self.max_idle
@@ -371,11 +419,20 @@ class Pool:
         for conn in idle:
             conn.close()
 
+    def states(self) -> dict[str, int]:
+        """Upstream connections by state, for /metrics."""
+        connecting = sum(1 for c in self.live if c.ready is not None)
+        idle = len(self.idle)
+        active = len(self.live) - connecting - idle
+        return {"connecting": connecting, "idle": idle, "active": active}
+
     def sweep(self, now: float) -> None:
         for conn in list(self.live):
             if conn.deadline and now >= conn.deadline:
                 conn.deadline = 0.0
-                if conn.ready is not None:
+                if conn.closing:  # the upstream did not finish our close in time
+                    conn.abort()
+                elif conn.ready is not None:
                     conn.failure_detail = (
                         f"connect/TLS handshake to {conn.address}:{self.port} timed out "
                         f"after {self.connect_timeout:g}s"

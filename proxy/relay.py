@@ -14,7 +14,7 @@ from typing import Any
 
 import httptools
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -191,6 +191,7 @@ class Exchange:
         if self.response_done or self.error is not None:
             return
         self.body_seen += len(data)
+        self.down.deadline += len(data) / self.route.limits.min_body_rate
         if self.body_seen > self.route.limits.max_body_bytes:
             self.error = ProxyError(
                 413,
@@ -223,6 +224,7 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.request_done = True
+        self.down.deadline = 0.0
         if self.local is not None and not self.response_done:
             self._answer_locally()
             return
@@ -395,10 +397,16 @@ class _PausedTransport:
             ex.up.pause("client-full")
 
     def resumeProducing(self) -> None:
-        self.down.write_paused = False
-        ex = self.down.exchange
+        down = self.down
+        down.write_paused = False
+        if down.closing:
+            down.close_now()
+            return
+        ex = down.exchange
         if ex is not None and ex.up is not None:
             ex.up.resume("client-full")
+        elif ex is None and down.queue:  # answers held back while the client did not read
+            down.next_exchange()
 
     def stopProducing(self) -> None:
         pass
@@ -406,7 +414,12 @@ class _PausedTransport:
 
 @implementer(IHandshakeListener)
 class Downstream(Protocol):
-    """A connection from a client (the app for egress, the partner for ingress)."""
+    """A connection from a client (the app for egress, the partner for ingress).
+
+    Every state has a deadline (route.sweep enforces it): TLS handshake, request head, request
+    body (an allowance plus a minimum rate), keep-alive idle, a client that does not read what
+    we owe it, and the grace after our close. Nothing a peer does keeps a connection for ever.
+    """
 
     transport: Any  # TCP, or TLS (ITLSTransport) for ingress
 
@@ -420,6 +433,10 @@ class Downstream(Protocol):
         self.keep_alive = True
         self.version_11 = True
         self.gone = False
+        self.closing = False
+        self.refusing = False  # input past a fatal error is not parsed into requests
+        self.handshake_done = True
+        self.handshake_timed_out = False
         self.paused: set[str] = set()
         self.write_paused = False
         self.deadline = 0.0
@@ -436,16 +453,26 @@ class Downstream(Protocol):
 
     def connectionMade(self) -> None:
         self.raw = socket_of(self.transport)
-        self.route.connection_opened(self)
-        self.transport.registerProducer(_PausedTransport(self), True)
         peer = self.transport.getPeer()
         self.peer_host = getattr(peer, "host", "") or "unix"
-        self.deadline = self.clock.seconds() + self.route.timeouts.header
+        timeouts = self.route.timeouts
+        if ISSLTransport.providedBy(self.transport):
+            self.handshake_done = False
+            self.deadline = self.clock.seconds() + timeouts.handshake
+        else:
+            self.deadline = self.clock.seconds() + timeouts.header
+        if self.route.connection_opened(self):
+            self.transport.registerProducer(_PausedTransport(self), True)
 
     def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        if not self.closing and self.exchange is None:
+            self.deadline = self.clock.seconds() + self.route.timeouts.header
         self.route.handshake_completed(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.refusing:
+            return
         if self.in_head or self.exchange is None:
             self.head_bytes += len(data)
         try:
@@ -453,10 +480,12 @@ class Downstream(Protocol):
         except httptools.HttpParserUpgrade:
             # CONNECT (answered 405) or an Upgrade request (forwarded without its Upgrade
             # header): the parser cannot go on, so this connection ends after that exchange.
-            self.keep_alive = False
+            self.refusing = True
             self.pause("upgrade")
-            if self.exchange is None:
-                self.close()
+            if not self.queue:
+                self.keep_alive = False
+                if self.exchange is None:
+                    self.close()
             return
         except httptools.HttpParserError as e:
             self._bad(ProxyError(400, "bad_request", f"malformed HTTP request: {e}"))
@@ -475,17 +504,19 @@ class Downstream(Protocol):
             send_now(ex.up.raw)
 
     def _bad(self, err: ProxyError) -> None:
-        """Unparseable input: answer once, then close; nothing more is read."""
-        self.keep_alive = False
+        """Unparseable input: answer it after what is queued, then close; nothing more is read."""
+        self.refusing = True
         self.pause("bad")
         ex = self.current if self.current is not None and not self.current.response_done else None
         if ex is None or ex is not self.exchange:
             ex = Exchange(self, RequestHead(b"-", b"-", b"1.1", [], None, False, False), err)
-            if self.exchange is None:
+            if self.exchange is None and not self.queue:
                 self.exchange = ex
             else:
+                ex.request_done = True
                 self.queue.append(ex)
                 return
+        self.keep_alive = False
         if ex.up is not None or ex.waiting is not None:
             ex.abandon()
         if ex.response_started:
@@ -519,6 +550,8 @@ class Downstream(Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_bytes = 0
+        if self.refusing:
+            return
         limit = self.route.limits.max_header_bytes
         if self.header_error is None and self.header_bytes + len(self.url) > limit:
             self.header_error = ProxyError(
@@ -554,11 +587,22 @@ class Downstream(Protocol):
             te,
             expect,
         )
-        ex = Exchange(self, head, self.header_error)
-        if head.content_length is None and not chunked:
+        err = self.header_error
+        queued = len(self.queue) + (self.exchange is not None)
+        if err is None and queued > self.route.limits.max_pipelined:
+            # A client that sends requests faster than it reads answers: refuse the rest.
+            self.refusing = True
+            self.pause("bad")
+            err = ProxyError(
+                503,
+                "too_many_pipelined",
+                f"more than {self.route.limits.max_pipelined} pipelined requests queued",
+            )
+        ex = Exchange(self, head, err)
+        if (head.content_length is None and not chunked) or self.refusing:
             ex.request_done = True
         self.current = ex
-        if self.exchange is None:
+        if self.exchange is None and not self.queue and not self.write_paused:
             self._begin(ex)
         else:
             self.queue.append(ex)
@@ -566,7 +610,7 @@ class Downstream(Protocol):
 
     def on_body(self, data: bytes) -> None:
         ex = self.current
-        if ex is not None:
+        if ex is not None and not self.refusing:
             if ex is self.exchange or ex.body_buffer is None:
                 ex.request_body(data)
             else:
@@ -583,26 +627,36 @@ class Downstream(Protocol):
     # ---- exchange lifecycle
     def _begin(self, ex: Exchange) -> None:
         self.exchange = ex
-        self.deadline = 0.0
+        timeouts = self.route.timeouts
+        # a body still to come must arrive within its allowance plus 1 s per min_body_rate
+        self.deadline = 0.0 if ex.request_done else self.clock.seconds() + timeouts.body
         self.keep_alive = ex.head.keep_alive and self.keep_alive and not self.route.draining
+        if self.refusing and not self.queue:  # the last answer on this connection
+            self.keep_alive = False
         self.version_11 = ex.head.version == b"1.1"
         ex.start()
+
+    def next_exchange(self) -> None:
+        nxt = self.queue.popleft()
+        if not self.queue:
+            self.resume("pipelined")
+        self._begin(nxt)
 
     def exchange_finished(self, ex: Exchange) -> None:
         if ex is not self.exchange:
             return
         self.exchange = None
         self.route.finished(ex, self)
-        if self.gone:
+        if self.gone or self.closing:
             return
-        if not self.keep_alive or self.route.draining:
+        if not self.keep_alive or self.route.draining or (self.refusing and not self.queue):
             self.close()
             return
         if self.queue:
-            nxt = self.queue.popleft()
-            if not self.queue:
-                self.resume("pipelined")
-            self._begin(nxt)
+            if self.write_paused:  # the client is not reading: answer the next when it does
+                self.deadline = self.clock.seconds() + self.route.timeouts.send
+            else:
+                self.next_exchange()
             return
         self.deadline = self.clock.seconds() + self.route.timeouts.idle
 
@@ -616,12 +670,40 @@ class Downstream(Protocol):
 
     def timed_out(self, now: float) -> None:
         self.deadline = 0.0
-        if self.exchange is not None:
+        if self.closing or not self.handshake_done:
+            # our close was not completed by the peer in time, or the TLS handshake stalled
+            self.handshake_timed_out = not self.handshake_done and not self.closing
+            self.transport.abortConnection()
+            return
+        ex = self.exchange
+        if ex is not None:
+            if ex.request_done or ex.response_done:
+                return
+            if self.paused - {"pipelined"}:  # we are not reading: the client is not to blame
+                self.deadline = now + self.route.timeouts.body
+                return
+            rate = self.route.limits.min_body_rate
+            err = ProxyError(
+                408,
+                "request_timeout",
+                f"request body slower than {rate} bytes/s after "
+                f"{self.route.timeouts.body:g}s ({ex.body_seen} bytes received)",
+            )
+            if ex.response_started:
+                ex.response_done = True
+                self.abort(ex)
+            else:
+                ex.abandon()
+                ex.fail(err)
+            return
+        if self.queue:  # answers held back for a client that stopped reading
+            self.transport.abortConnection()
             return
         if self.in_head:
             ex = Exchange(self, RequestHead(b"-", b"-", b"1.1", [], None, False, False), None)
             self.exchange = ex
             ex.request_done = True
+            self.refusing = True
             ex.fail(
                 ProxyError(
                     408,
@@ -635,7 +717,7 @@ class Downstream(Protocol):
     def drain(self) -> None:
         """Stop after the exchange in flight; close now if idle."""
         self.keep_alive = False
-        if self.exchange is None and not self.in_head:
+        if self.exchange is None and not self.in_head and not self.queue:
             self.close()
 
     # ---- transport helpers
@@ -658,8 +740,33 @@ class Downstream(Protocol):
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def close(self) -> None:
+        """Close after what is written reaches the client, within bounded time whatever the
+        client does: a client that reads nothing is cut after send_timeout, one that does not
+        answer our close after close_grace."""
         self.uncork()
+        if self.closing or self.gone:
+            return
+        self.closing = True
+        self.keep_alive = False
+        self.pause("closing")
+        if not self.handshake_done:  # nothing of ours can reach a peer without a session
+            self.transport.abortConnection()
+        elif self.write_paused:
+            self.deadline = self.clock.seconds() + self.route.timeouts.send
+        else:
+            self.close_now()
+
+    def close_now(self) -> None:
+        """Send what is queued and our close (close_notify under TLS), then close TCP without
+        waiting for the peer's close_notify: a silent peer must not hold the connection. The
+        producer is unregistered first: Twisted's TLS postpones its shutdown until it is."""
+        if self.gone:
+            return
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+        if self.raw is not None and self.raw is not self.transport:
+            self.raw.loseConnection()
+        self.deadline = self.clock.seconds() + self.route.timeouts.close_grace
 
     def pause(self, reason: str) -> None:
         if not self.paused and not self.gone:

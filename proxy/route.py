@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 
 from proxy.config import Limits, Timeouts
 from proxy.http import ProxyError, RequestHead, error_response
-from proxy.logs import AccessLog
+from proxy.logs import AccessLog, RateLimitedLog
 from proxy.metrics import Metrics
 from proxy.pool import Pool
 from proxy.relay import Downstream, Exchange, LocalHandler
@@ -39,6 +39,9 @@ class Route:
         self.metrics, self.access_log = metrics, access_log
         self.connections: set[Downstream] = set()
         self.draining = False
+        self.listener: Any = None  # the listening port: paused while max_connections are open
+        self.accept_paused = False
+        self.peer_log = RateLimitedLog(self.log, clock)
         self.stats = metrics.route_stats(name, self.direction)
         self._open = metrics.connections_open.labels(name, "downstream")
 
@@ -66,10 +69,24 @@ class Route:
         return {}
 
     # ---- connection accounting
-    def connection_opened(self, down: Downstream) -> None:
+    def connection_opened(self, down: Downstream) -> bool:
+        """Count a new connection; False when it is refused (and already being closed).
+
+        At max_connections the listener stops accepting, as nginx does at worker_connections:
+        newcomers wait in the kernel's backlog and are served as soon as a slot frees, instead
+        of each being accepted only to be refused. Connections accepted in the same burst as the
+        last slot are over the limit: a plain one gets a 503, a TLS one (nothing can reach it
+        before a handshake) is cut."""
         self.connections.add(down)
         self._open.inc()
-        if len(self.connections) > self.limits.max_connections or self.draining:
+        count = len(self.connections)
+        if count >= self.limits.max_connections and not self.accept_paused:
+            self._pause_accepting()
+        if count <= self.limits.max_connections and not self.draining:
+            return True
+        reason = "draining" if self.draining else "max_connections"
+        self.metrics.connections_refused.labels(self.name, reason).inc()
+        if down.handshake_done:
             err = ProxyError(
                 503,
                 "draining" if self.draining else "overloaded",
@@ -79,18 +96,38 @@ class Route:
             )
             down.keep_alive = False
             down.write(error_response(err, self.name, keep_alive=False))
-            down.transport.loseConnection()
-            down.gone = True
             self.stats.count_only(err.status)
+        down.close()
+        return False
+
+    def _pause_accepting(self) -> None:
+        if self.listener is None or self.draining:
+            return
+        self.listener.stopReading()
+        self.accept_paused = True
+        self.peer_log.warn(
+            "max_connections",
+            "{route}: {n} connections open (max_connections): not accepting until one closes",
+            route=self.name,
+            n=self.limits.max_connections,
+        )
 
     def connection_closed(self, down: Downstream, reason: Failure) -> None:
         if down in self.connections:
             self.connections.discard(down)
             self._open.dec()
+        if (
+            self.accept_paused
+            and len(self.connections) < self.limits.max_connections
+            and not self.draining
+        ):
+            self.accept_paused = False
+            self.listener.startReading()
 
     def rejected(self, ex: Exchange, err: ProxyError) -> None:
         if err.status >= 500 and err.code != "draining":
-            self.log.warn(
+            self.peer_log.warn(
+                err.code,
                 "{route}: {status} {code}: {detail}",
                 route=self.name,
                 status=err.status,
@@ -128,6 +165,7 @@ class Route:
             if down.deadline and now >= down.deadline:
                 down.timed_out(now)
         self.pool.sweep(now)
+        self.peer_log.flush(now)
 
     def drain(self) -> None:
         self.draining = True

@@ -17,7 +17,7 @@ from proxy import config as cfg
 from proxy import tls
 from proxy.egress import Egress
 from proxy.ingress import Ingress
-from proxy.logs import AccessLog
+from proxy.logs import AcceptErrors, AccessLog
 from proxy.metrics import Metrics
 from proxy.pool import Pool
 from proxy.relay import DownstreamFactory
@@ -88,6 +88,7 @@ class Sidecar:
         self._watcher: task.LoopingCall | None = None
         self._signature: tuple[Any, ...] = ()
         self._stopping: defer.Deferred[None] | None = None
+        self.accept_errors: AcceptErrors | None = None  # set when logging starts
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
@@ -104,7 +105,7 @@ class Sidecar:
               r: cfg.EgressRoute | cfg.IngressRoute) -> Pool:  # fmt: skip
         connects = self.metrics.upstream_connects
         handshakes = self.metrics.handshake_errors
-        return Pool(
+        pool = Pool(
             reactor=self.reactor,
             clock=self.reactor,
             resolver=self.resolver,
@@ -115,9 +116,14 @@ class Sidecar:
             idle_timeout=r.timeouts.pool_idle,
             max_age=r.max_connection_age,
             max_idle=r.pool_max_idle,
+            max_head_bytes=r.limits.max_response_header_bytes,
+            max_head_fields=r.limits.max_response_headers,
+            close_grace=r.timeouts.close_grace,
             on_connect=lambda result: connects.labels(name, result).inc(),
             on_handshake_error=lambda detail: handshakes.labels(name, _reason_label(detail)).inc(),
         )
+        self.metrics.watch_pool(name, pool.states)
+        return pool
 
     def _build_egress(self, rc: cfg.EgressRoute) -> RouteState:
         material = tls.build_client_material(rc)
@@ -166,6 +172,7 @@ class Sidecar:
             if state.server_tls is not None:
                 factory = tls.tls_factory(state.server_tls, False, factory)
             state.port = self._listen(state.config.listen, factory, inherited or {})
+            state.route.listener = state.port
             self.log.info(
                 "{route}: {direction} listening on {where} -> {upstream}",
                 route=state.config.name,
@@ -209,6 +216,8 @@ class Sidecar:
         for state in self.routes:
             state.route.sweep(now)
         self.access_log.flush()
+        if self.accept_errors is not None:
+            self.accept_errors.flush(now)
 
     # ---- reload
     def _current_signature(self) -> tuple[Any, ...]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -126,6 +126,7 @@ class Sidecar:
     config: Path
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    preexec: Callable[[], None] | None = None  # e.g. a lower RLIMIT_NOFILE
 
     def start(
         self, wait: Sequence[tuple[str, int]] = (), env: dict[str, str] | None = None
@@ -137,6 +138,7 @@ class Sidecar:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=self.preexec,
         )
         log.close()
         try:

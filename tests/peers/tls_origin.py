@@ -2,6 +2,9 @@
   --mode slow   answer after --delay seconds
   --mode close  read the request head, then close without answering
   --mode stall  accept TCP and never start TLS
+  --mode late-handshake  wait --delay seconds before the TLS handshake, then answer at once
+  --mode huge-head  answer with a response head of --head-mb MB (many header fields)
+  --plain       plain HTTP instead of mutual TLS (for an internal upstream)
 Each request head received is appended to --record. Prints 'LISTENING <port>'."""
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ def serve(conn: socket.socket, args: argparse.Namespace, ctx: ssl.SSLContext) ->
         if args.mode == "stall":
             time.sleep(60)
             return
-        tls = ctx.wrap_socket(conn, server_side=True)
+        if args.mode == "late-handshake":
+            time.sleep(args.delay)
+        tls = conn if args.plain else ctx.wrap_socket(conn, server_side=True)
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = tls.recv(65536)
@@ -31,6 +36,18 @@ def serve(conn: socket.socket, args: argparse.Namespace, ctx: ssl.SSLContext) ->
             f.write(data.split(b"\r\n", 1)[0] + b"\n")
         if args.mode == "close":
             tls.close()
+            return
+        if args.mode == "huge-head":
+            tls.sendall(b"HTTP/1.1 200 OK\r\n")
+            field = b"X-Filler-%07d: " + b"v" * 1000 + b"\r\n"
+            for i in range(int(args.head_mb * 1024 * 1024) // len(field)):
+                tls.sendall(field % i)
+            tls.sendall(b"Content-Length: 2\r\n\r\nok")
+            time.sleep(5)
+            return
+        if args.mode == "late-handshake":
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+            time.sleep(30)  # keep-alive: the connection stays open until the client closes it
             return
         time.sleep(args.delay)
         tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
@@ -43,7 +60,11 @@ def serve(conn: socket.socket, args: argparse.Namespace, ctx: ssl.SSLContext) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["slow", "close", "stall"], required=True)
+    parser.add_argument(
+        "--mode", choices=["slow", "close", "stall", "late-handshake", "huge-head"], required=True
+    )
+    parser.add_argument("--plain", action="store_true")
+    parser.add_argument("--head-mb", type=float, default=10)
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--client-ca", required=True)
@@ -57,7 +78,7 @@ def main() -> None:
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
+    listener.listen(4096)
     print(f"LISTENING {listener.getsockname()[1]}", flush=True)
     while True:
         conn, _ = listener.accept()
