@@ -351,6 +351,8 @@ class Pool:
         except ResolveError as e:
             self.on_connect("dns_error")
             raise ProxyError(502, "upstream_unreachable", str(e)) from None
+        except defer.CancelledError:
+            raise  # the client went away while we were resolving
         except Exception as e:
             self.on_connect("dns_error")
             raise ProxyError(502, "upstream_unreachable", f"DNS: {self.host}: {e}") from None

@@ -434,6 +434,7 @@ class Downstream(Protocol):
         self.version_11 = True
         self.gone = False
         self.closing = False
+        self.producing = False  # our producer is registered on the transport
         self.refusing = False  # input past a fatal error is not parsed into requests
         self.handshake_done = True
         self.handshake_timed_out = False
@@ -463,6 +464,7 @@ class Downstream(Protocol):
             self.deadline = self.clock.seconds() + timeouts.header
         if self.route.connection_opened(self):
             self.transport.registerProducer(_PausedTransport(self), True)
+            self.producing = True
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
@@ -607,6 +609,8 @@ class Downstream(Protocol):
         else:
             self.queue.append(ex)
             self.pause("pipelined")
+            if self.exchange is None:  # held back until the client reads what it was sent
+                self.deadline = self.clock.seconds() + self.route.timeouts.send
 
     def on_body(self, data: bytes) -> None:
         ex = self.current
@@ -762,7 +766,9 @@ class Downstream(Protocol):
         producer is unregistered first: Twisted's TLS postpones its shutdown until it is."""
         if self.gone:
             return
-        self.transport.unregisterProducer()
+        if self.producing:
+            self.producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
         if self.raw is not None and self.raw is not self.transport:
             self.raw.loseConnection()

@@ -325,32 +325,6 @@ def test_internal_upstream_down_gives_502_json(env: Env) -> None:
     assert json.loads(r.body)["route"] == "down"
 
 
-def test_connections_over_max_connections_get_503(env: Env) -> None:
-    import socket
-    import ssl
-
-    port = free_port()
-    conf = env.config("capped", port, "max_connections = 2")
-    with running(Sidecar(conf).start([("127.0.0.1", port)])):
-        ctx = ssl.create_default_context(cafile=str(env.dir / "server-ca.pem"))
-        ctx.load_cert_chain(str(env.dir / "d1.pem"), str(env.dir / "d1.key"))
-        held = [
-            ctx.wrap_socket(
-                socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
-            )
-            for _ in range(2)
-        ]
-        try:
-            r = curl(*env.mtls(port, "d1"))
-        finally:
-            for s in held:
-                s.close()
-        assert r.status == 503
-        assert json.loads(r.body)["error"] == "overloaded"
-        time.sleep(0.3)
-        assert curl(*env.mtls(port, "d1")).status == 200
-
-
 def test_https_internal_upstream_is_verified_with_upstream_trust(env: Env, tmp_path: Path) -> None:
     from tests.harness import Nginx
 
