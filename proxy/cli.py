@@ -13,10 +13,10 @@ def _run(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
     from proxy import config as cfg
-    from proxy import tls
-    from proxy.logs import start_logging
-    from proxy.service import Sidecar, install_signal_handlers
-    from proxy.systemd import Notifier, listen_fds
+    from proxy.ops.service import Sidecar, install_signal_handlers
+    from proxy.ops.systemd import Notifier, listen_fds
+    from proxy.telemetry.logs import start_logging
+    from proxy.tls import contexts as tls
 
     try:
         config = cfg.load(args.config)
@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
             return
         install_signal_handlers(reactor, sidecar, lambda code: result.update(code=code))
         settle_heap()
-        from proxy.systemd import watchdog_interval
+        from proxy.ops.systemd import watchdog_interval
 
         interval = watchdog_interval(environ)
         if interval:
@@ -83,19 +83,19 @@ def settle_heap() -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from proxy.checkcmd import run_check
+    from proxy.commands.check import run_check
 
     return run_check(args.config, as_json=args.json)
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from proxy.probecmd import run_probe
+    from proxy.commands.probe import run_probe
 
     return run_probe(args.config, args.route, as_json=args.json)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.commands.demo import run_demo
 
     return run_demo()
 
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.set_defaults(func=_probe)
     demo = sub.add_parser("demo", help="both directions on loopback with a throwaway PKI")
     demo.set_defaults(func=_demo)
-    from proxy import csrcmd
+    from proxy.commands import csr as csrcmd
 
     csrcmd.register(sub)
     return parser

@@ -21,8 +21,8 @@ import attrs
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from proxy import pki
-from proxy.testing import Issued, make_ca, write_ca
+from proxy.tls import pki
+from proxy.tls.throwaway import Issued, make_ca, write_ca
 
 BIN = Path(sys.executable).parent
 SIDECAR = str(BIN / "mtls-sidecar")

@@ -1,0 +1,199 @@
+"""The `csr` and `oauth-key` commands: key material an operator sends to Thales at onboarding."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from proxy.tls import pki
+
+KEY_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+_CSR_EPILOG = """\
+D1 accepts two keys only: ECDSA P-256 (default) or RSA 4096; Thales refuses RSA 2048, so no
+key size is offered. One CSR per environment: run this once for PPR and once for PRD.
+The key is written unencrypted (PKCS#8 PEM, mode 0600) because the service reads it unattended,
+e.g. from a systemd credential; existing files are never overwritten.
+The gateway id must match D1's published merchantGatewayId format (no override: Thales
+enforces the CN, and a certificate with a wrong CN is useless for five years).
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `csr` and `oauth-key` subcommands."""
+    csr = sub.add_parser(
+        "csr",
+        help="new key pair + CSR under D1's DN policy",
+        description="Make a private key and a certificate signing request for D1's mutual TLS:"
+        " CN=TLSMA-<ECDSA|RSA>/<gateway id>/D1.<env>, plus C, ST, L, O, OU.",
+        epilog=_CSR_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    csr.add_argument(
+        "--env",
+        required=True,
+        type=str.upper,
+        choices=pki.D1_ENVS,
+        help="D1 environment: PPR (pre-production) or PRD (production)",
+    )
+    csr.add_argument(
+        "--gateway-id",
+        required=True,
+        metavar="ID",
+        help="merchantGatewayId assigned by Thales: exactly 10 characters of A-Z a-z 0-9 _ -",
+    )
+    csr.add_argument(
+        "--key-type",
+        default="ecdsa",
+        type=_key_type,
+        metavar="{ecdsa,rsa}",
+        help="ecdsa = P-256 (default), rsa = RSA 4096",
+    )
+    csr.add_argument("--country", required=True, metavar="C", help="two-letter country code")
+    csr.add_argument("--state", required=True, metavar="ST", help="state or province")
+    csr.add_argument("--locality", required=True, metavar="L", help="city")
+    csr.add_argument("--org", required=True, metavar="O", help="organization (the merchant)")
+    csr.add_argument("--org-unit", required=True, metavar="OU", help="organizational unit")
+    csr.add_argument("--key-out", required=True, type=Path, metavar="FILE", help="new key file")
+    csr.add_argument("--csr-out", required=True, type=Path, metavar="FILE", help="new CSR file")
+    csr.set_defaults(func=run_csr)
+
+    oauth = sub.add_parser(
+        "oauth-key",
+        help="new ES256 key for D1's OAuth client assertions",
+        description="Make the P-256 key that signs D1's OAuth JWT assertions (ES256) and print"
+        " its public half as PEM and as JWK, to register with Thales at onboarding.",
+        epilog="The kid defaults to the key's RFC 7638 thumbprint; use it as key_id in the"
+        " route's [egress.oauth] table. Existing files are never overwritten.",
+    )
+    oauth.add_argument(
+        "--key-out", required=True, type=Path, metavar="FILE", help="new private key (0600)"
+    )
+    oauth.add_argument("--kid", help="key id for the JWK (default: RFC 7638 thumbprint)")
+    oauth.add_argument("--jwk-out", type=Path, metavar="FILE", help="also write the public JWK")
+    oauth.add_argument(
+        "--public-out", type=Path, metavar="FILE", help="also write the public key PEM"
+    )
+    oauth.set_defaults(func=run_oauth_key)
+
+
+def run_csr(args: argparse.Namespace) -> int:
+    key_out: Path = args.key_out
+    csr_out: Path = args.csr_out
+    try:
+        subject = dict(
+            env=args.env,
+            gateway_id=args.gateway_id,
+            country=args.country,
+            state=args.state,
+            locality=args.locality,
+            org=args.org,
+            org_unit=args.org_unit,
+        )
+        # Every refusal comes before the (slow, for RSA) key generation and before any write.
+        pki.d1_subject(args.key_type, **subject)
+        _refuse_existing(key_out, csr_out)
+        key = pki.make_key(args.key_type)
+        csr = pki.make_csr(key, **subject)
+        csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+        _write_all([(key_out, _key_pem(key), KEY_MODE), (csr_out, csr_pem, PUBLIC_MODE)])
+    except (ValueError, OSError) as e:
+        return _fail("csr", e)
+    key_desc = pki.describe_key(key.public_key())
+    print(f"subject: {csr.subject.rfc4514_string()}")
+    print(f"key:     {key_out} ({key_desc}, mode 0600)")
+    print(f"csr:     {csr_out}")
+    print("next steps:")
+    print(f"  1. send {csr_out} to Thales as the {args.env} client certificate request")
+    print(f"  2. keep {key_out} secret on this host: the certificate works only with it")
+    print(
+        "  3. with the certificate Thales returns, set client_cert and client_key of the"
+        f" {args.env} egress route, then run: mtls-sidecar check -c FILE"
+    )
+    return 0
+
+
+def run_oauth_key(args: argparse.Namespace) -> int:
+    key_out: Path = args.key_out
+    extra = [p for p in (args.jwk_out, args.public_out) if p is not None]
+    kid: str | None = args.kid
+    try:
+        if kid is not None and (not kid or not kid.isprintable()):
+            raise ValueError(f"--kid {kid!r}: empty or not printable")
+        _refuse_existing(key_out, *extra)
+        key = pki.make_oauth_key()
+        public_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        jwk = pki.public_jwk(key.public_key(), None)
+        jwk["kid"] = kid if kid is not None else pki.jwk_thumbprint(jwk)
+        jwk_json = json.dumps(jwk, indent=2) + "\n"
+        outputs = [(key_out, _key_pem(key), KEY_MODE)]
+        if args.jwk_out is not None:
+            outputs.append((args.jwk_out, jwk_json.encode(), PUBLIC_MODE))
+        if args.public_out is not None:
+            outputs.append((args.public_out, public_pem, PUBLIC_MODE))
+        _write_all(outputs)
+    except (ValueError, OSError) as e:
+        return _fail("oauth-key", e)
+    print(f"key: {key_out} (ECDSA P-256 for ES256, mode 0600)")
+    print(f"kid: {jwk['kid']}")
+    print("public key (PEM):")
+    print(public_pem.decode(), end="")
+    print("public key (JWK):")
+    print(jwk_json, end="")
+    print(
+        "next steps: register the public key with Thales; in the egress route's [egress.oauth]"
+        f" set signing_key = {str(key_out)!r} and key_id = {jwk['kid']!r}"
+    )
+    return 0
+
+
+def _key_type(text: str) -> str:
+    try:
+        return pki.parse_key_type(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_key_pem = pki.private_key_pem
+
+
+def _refuse_existing(*paths: Path) -> None:
+    """Check every output before writing any, so a refusal leaves nothing half done."""
+    seen: set[Path] = set()
+    for path in paths:
+        resolved = path.absolute()
+        if resolved in seen:
+            raise ValueError(f"{path} is given for two outputs")
+        seen.add(resolved)
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
+
+
+def _write_all(outputs: list[tuple[Path, bytes, int]]) -> None:
+    """Write every file or, when one fails, remove those this call created."""
+    written: list[Path] = []
+    try:
+        for path, data, mode in outputs:
+            pki.write_new_file(path, data, mode)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _fail(command: str, error: Exception) -> int:
+    reason = str(error)
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror if error.filename is None else f"{error.filename}: {error.strerror}"
+    print(f"mtls-sidecar {command}: {reason}", file=sys.stderr)
+    return 1

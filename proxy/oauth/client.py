@@ -1,0 +1,705 @@
+"""OAuth 2.0 toward the partner: D1's bearer token for egress routes.
+
+D1 wants an RFC 7523 JWT-bearer grant (an ES256 assertion signed with a P-256 key whose
+public half Thales registered) and then ``Authorization: Bearer <token>`` on every call. A
+``TokenSource`` per route caches the token, shares one fetch among concurrent callers and
+refreshes ahead of expiry, so a request only waits when there is no usable token at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+import urllib.parse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from random import Random
+from typing import Any, Literal, Protocol, cast
+
+import attrs
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from proxy.telemetry.metrics import Metrics
+
+__all__ = [
+    "CORRELATION_ID",
+    "JWT_BEARER_GRANT",
+    "AgentFetcher",
+    "Fetch",
+    "OAuthSettings",
+    "Token",
+    "TokenError",
+    "TokenSource",
+    "authorization_value",
+    "build_token_request",
+    "load_signing_key",
+    "make_assertion",
+    "new_correlation_id",
+    "new_jti",
+    "parse_token_response",
+]
+
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+CORRELATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_ASSERTION_LIFETIME = 900.0  # D1: exp at most 15 minutes ahead
+# RFC 6749 makes expires_in optional; without it, assume a short life and let a 401 correct us.
+DEFAULT_EXPIRES_IN = 300.0
+MAX_EXPIRES_IN = 86_400.0
+MAX_TOKEN_RESPONSE = 64 * 1024
+
+# RFC 6750 b64token: the only characters that may follow "Bearer " in a header.
+_B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
+_ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")
+# Long base64-like runs in an endpoint's error text could be an echoed token or assertion.
+_SECRET_LIKE = re.compile(r"[A-Za-z0-9._~+/=-]{32,}")
+
+Fetch = Callable[[bytes, dict[str, str]], "Deferred[tuple[int, bytes]]"]
+
+
+# zope interfaces are opaque to mypy without its plugin: these spell out what is called.
+class _Timer(Protocol):
+    def active(self) -> bool: ...
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    def seconds(self) -> float: ...
+    def callLater(
+        self, delay: float, callable: Callable[..., object], *args: object, **kw: object
+    ) -> _Timer: ...
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
+# --------------------------------------------------------------------------- egress settings
+
+
+def _is_p256(_: object, attribute: attrs.Attribute[Any], key: object) -> None:
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(
+            f"{attribute.name}: ES256 needs an EC P-256 private key, got {type(key).__name__}"
+        )
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError(f"{attribute.name}: ES256 needs curve P-256, got {key.curve.name}")
+
+
+def _non_empty(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value or any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        raise ValueError(f"{attribute.name}: must be non-empty, without spaces or controls")
+
+
+def _https_url(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"{attribute.name}: {value!r} is not an https:// URL")
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{attribute.name}: must be a positive number of seconds, got {value}")
+
+
+def _lifetime(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (1 <= value <= MAX_ASSERTION_LIFETIME):
+        raise ValueError(
+            f"{attribute.name}: {value} s; D1 accepts an assertion exp at most "
+            f"{MAX_ASSERTION_LIFETIME:.0f} s after iat"
+        )
+
+
+@attrs.frozen
+class OAuthSettings:
+    """How one egress route obtains its bearer token."""
+
+    token_url: str = attrs.field(validator=_https_url)
+    issuer: str = attrs.field(validator=_non_empty)  # JWT iss (and sub) = merchantGatewayId
+    signing_key: ec.EllipticCurvePrivateKey = attrs.field(validator=_is_p256, repr=False)
+    key_id: str = attrs.field(validator=_non_empty)  # JWT header kid
+    audience: str | None = None  # aud is not published for D1 eCom: sent only when configured
+    # RFC 7523 form encoding by default (as the config file); D1 eCom documents JSON.
+    body: Literal["form", "json"] = attrs.field(
+        default="form", validator=attrs.validators.in_(("form", "json"))
+    )
+    assertion_lifetime: float = attrs.field(default=300.0, validator=_lifetime)
+    # Refresh when refresh_fraction (+- refresh_jitter) of expires_in has elapsed, and never
+    # later than refresh_min_margin seconds before expiry.
+    refresh_fraction: float = 0.8
+    refresh_jitter: float = 0.05
+    refresh_min_margin: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    # A token is used until this many seconds before expiry, so it is still valid on arrival.
+    expiry_skew: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    retry_initial: float = attrs.field(default=1.0, validator=_positive)
+    retry_max: float = attrs.field(default=30.0, validator=_positive)
+    # D1: a 400 is not retryable. It is a configuration problem (key, kid, iss, clock), so the
+    # next attempt waits this long instead of the short transient backoff.
+    rejected_backoff: float = attrs.field(default=60.0, validator=_positive)
+    backoff_jitter: float = attrs.field(
+        default=0.2, validator=[attrs.validators.ge(0), attrs.validators.lt(1)]
+    )
+    request_timeout: float = attrs.field(default=10.0, validator=_positive)
+    # A 401 from the upstream discards the token only when it is at least this old, so a
+    # partner that refuses every token cannot drive one token fetch per request.
+    invalidate_min_age: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    # "replace": the sidecar's token wins; "keep": an app's own Authorization header is kept.
+    authorization_mode: Literal["replace", "keep"] = attrs.field(
+        default="replace", validator=attrs.validators.in_(("replace", "keep"))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        low = self.refresh_fraction - self.refresh_jitter
+        high = self.refresh_fraction + self.refresh_jitter
+        if not (self.refresh_jitter >= 0 and low > 0 and high < 1):
+            raise ValueError(
+                "refresh_fraction +- refresh_jitter must stay inside (0, 1), "
+                f"got {self.refresh_fraction} +- {self.refresh_jitter}"
+            )
+        if self.retry_max < self.retry_initial:
+            raise ValueError(
+                f"retry_max ({self.retry_max}) is below retry_initial ({self.retry_initial})"
+            )
+
+
+def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """Read an unencrypted PEM private key for ES256; errors name the file."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the signing key: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not an unencrypted PEM private key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        kind = key.curve.name if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+        raise ValueError(f"{path}: {kind}; D1 requires an ES256 (P-256) key")
+    return key
+
+
+# --------------------------------------------------------------------------- wire pieces
+
+
+def new_jti() -> str:
+    """128 random bits, URL-safe."""
+    return secrets.token_urlsafe(16)
+
+
+def new_correlation_id() -> str:
+    """Random, so it never carries data about anyone (D1 logs it in clear)."""
+    return secrets.token_urlsafe(16)
+
+
+def make_assertion(settings: OAuthSettings, now: float, jti: str) -> str:
+    """The RFC 7523 client assertion, ES256-signed.
+
+    ``sub`` = ``iss``: RFC 7523 section 3 requires a subject, D1 publishes only ``iss``; the
+    gateway asks for a token on its own behalf.
+    """
+    if not jti:
+        raise ValueError("jti must not be empty")
+    iat = int(now)
+    claims: dict[str, Any] = {
+        "iss": settings.issuer,
+        "sub": settings.issuer,
+        "iat": iat,
+        "exp": iat + int(settings.assertion_lifetime),
+        "jti": jti,
+    }
+    if settings.audience is not None:
+        claims["aud"] = settings.audience
+    return jwt.encode(
+        claims,
+        settings.signing_key,
+        algorithm="ES256",
+        headers={"kid": settings.key_id, "typ": "JWT"},
+    )
+
+
+def build_token_request(
+    settings: OAuthSettings, assertion: str, correlation_id: str
+) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of the token POST, encoded as ``settings.body`` says."""
+    if not CORRELATION_ID.fullmatch(correlation_id):
+        raise ValueError("correlation id must match ^[A-Za-z0-9_-]{1,64}$")
+    if settings.body == "form":
+        body = urllib.parse.urlencode(
+            [("grant_type", JWT_BEARER_GRANT), ("assertion", assertion)]
+        ).encode("ascii")
+        content_type = "application/x-www-form-urlencoded"
+    else:
+        body = json.dumps(
+            {"grant_type": JWT_BEARER_GRANT, "assertion": assertion}, separators=(",", ":")
+        ).encode("ascii")
+        content_type = "application/json"
+    headers = {
+        "content-type": content_type,
+        "accept": "application/json",
+        "x-correlation-id": correlation_id,
+    }
+    return body, headers
+
+
+def authorization_value(token: str) -> bytes:
+    """The Authorization header value for a token from ``TokenSource.token``."""
+    return b"Bearer " + token.encode("ascii")
+
+
+@attrs.frozen
+class Token:
+    value: str = attrs.field(repr=False)
+    expires_at: float
+
+
+class TokenError(Exception):
+    """No token: ``detail`` says what the endpoint answered, never a token or an assertion."""
+
+    code = "oauth_token_unavailable"
+
+    def __init__(self, detail: str, *, status: int | None = None, retryable: bool = True) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+        self.retryable = retryable
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def printable(text: str, limit: int = 200) -> str:
+    text = _SECRET_LIKE.sub("[redacted]", text)
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _retryable(status: int) -> bool:
+    # 4xx means our request is wrong (D1: 400 is not retryable); 408 and 429 are about timing.
+    return not (400 <= status < 500) or status in (408, 429)
+
+
+def parse_token_response(
+    status: int, body: bytes, now: float, *, endpoint: str = "token endpoint"
+) -> Token:
+    """The token in a token endpoint's answer; ``now`` is when the request was sent."""
+    doc = _json_object(body)
+    if status != 200:
+        detail = f"{endpoint} answered HTTP {status}"
+        if doc is None:
+            detail += f" with a non-JSON body ({len(body)} bytes)"
+        else:
+            error, description = doc.get("error"), doc.get("error_description")
+            if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
+                detail += f": {printable(error, 64)}"
+            if isinstance(description, str) and description:
+                detail += f" ({printable(description)})"
+        raise TokenError(detail, status=status, retryable=_retryable(status))
+    if doc is None:
+        raise TokenError(f"{endpoint} answered HTTP 200 with a body that is not a JSON object")
+    value = doc.get("access_token")
+    if not isinstance(value, str) or not _B64TOKEN.fullmatch(value):
+        raise TokenError(f"{endpoint} answered HTTP 200 without a usable access_token")
+    token_type = doc.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise TokenError(
+            f"{endpoint} answered token_type {printable(str(token_type), 32)!r}; "
+            "only Bearer is used",
+            retryable=False,
+        )
+    expires_in = doc.get("expires_in", DEFAULT_EXPIRES_IN)
+    if isinstance(expires_in, str) and expires_in.isdigit():
+        expires_in = int(expires_in)  # a common deviation: a number sent as a string
+    if (
+        isinstance(expires_in, bool)
+        or not isinstance(expires_in, int | float)
+        or not math.isfinite(expires_in)
+        or expires_in <= 0
+    ):
+        raise TokenError(f"{endpoint} answered HTTP 200 with an unusable expires_in")
+    return Token(value, now + min(float(expires_in), MAX_EXPIRES_IN))
+
+
+# --------------------------------------------------------------------------- token source
+
+
+class TokenSource:
+    """The bearer token of one egress route: cached, fetched once at a time, refreshed ahead.
+
+    ``token()`` answers at once while a usable token is cached (the steady state); otherwise all
+    callers share one fetch. After a failed fetch, callers get the ``TokenError`` at once until
+    the backoff has passed; transient failures are retried in the background, while a rejected
+    request (a 4xx such as D1's 400) is retried only when a caller asks after the longer backoff.
+    A failed refresh keeps serving the old token until it expires.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        settings: OAuthSettings,
+        fetch: Fetch,
+        metrics: Metrics | None = None,
+        route: str = "",
+        random: Random | None = None,
+    ) -> None:
+        self._reactor_time = clock
+        self._clock = cast(Clock, clock)
+        self._settings = settings
+        self._fetch = fetch
+        self._metrics = metrics
+        self._route = route
+        self._random = random if random is not None else Random()
+        self._endpoint = f"token endpoint {settings.token_url}"
+        self._current: Token | None = None
+        self._obtained_at = 0.0
+        self._usable_until = -math.inf
+        self._refresh_at = math.inf
+        self._inflight: Deferred[Any] | None = None
+        self._waiters: list[Deferred[str]] = []
+        self._timer: _Timer | None = None
+        self._failures = 0
+        self._last_error: TokenError | None = None
+        self._not_before = -math.inf
+        self._stopped = False
+
+    # public face
+
+    def start(self) -> None:
+        """Fetch a token now so the first request need not wait; a failure is only logged."""
+        self._stopped = False
+        if self._metrics is not None:
+            self._metrics.oauth_token_expiry.labels(self._route).set_function(self._seconds_left)
+        if self._inflight is None and not self._usable(self._clock.seconds()):
+            self._start_fetch()
+
+    def stop(self) -> None:
+        """Cancel the timer and any fetch in progress; later ``token()`` calls fail."""
+        self._stopped = True
+        self._cancel_timer()
+        if self._inflight is not None:
+            self._inflight.cancel()
+
+    def token(self) -> Deferred[str]:
+        if self._stopped:
+            return fail(TokenError(f"{self._endpoint}: the route is stopping"))
+        now = self._clock.seconds()
+        current = self._current
+        if current is not None and self._usable(now):
+            if now >= self._refresh_at and self._inflight is None and now >= self._not_before:
+                self._start_fetch()  # refresh ahead; this caller keeps the current token
+            return succeed(current.value)
+        if self._inflight is None:
+            if self._last_error is not None and now < self._not_before:
+                return fail(self._last_error)
+            self._start_fetch()
+            if self._inflight is None:  # the fetch answered synchronously
+                if self._current is not None and self._usable(self._clock.seconds()):
+                    return succeed(self._current.value)
+                return fail(self._last_error or TokenError(f"{self._endpoint}: no usable token"))
+        waiter: Deferred[str] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def invalidate(self, value: str) -> None:
+        """The upstream refused ``value`` (401): stop using it, once, and fetch another."""
+        current = self._current
+        if current is None or current.value != value:
+            return  # an older token, or already invalidated
+        now = self._clock.seconds()
+        if now - self._obtained_at < self._settings.invalidate_min_age:
+            return
+        self.log.info(
+            "route {route}: the upstream refused the OAuth token; fetching another",
+            route=self._route,
+        )
+        self._current = None
+        self._usable_until = -math.inf
+        self._refresh_at = math.inf
+        self._cancel_timer()
+        if not self._stopped and self._inflight is None and now >= self._not_before:
+            self._start_fetch()
+
+    # internals
+
+    def _usable(self, now: float) -> bool:
+        return self._current is not None and now < self._usable_until
+
+    def _seconds_left(self) -> float:
+        if self._current is None:
+            return 0.0
+        return max(0.0, self._current.expires_at - self._clock.seconds())
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _schedule(self, delay: float) -> None:
+        self._cancel_timer()
+        self._timer = self._clock.callLater(max(0.0, delay), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._stopped and self._inflight is None:
+            self._start_fetch()
+
+    def _start_fetch(self) -> None:
+        self._cancel_timer()
+        started = self._clock.seconds()
+        correlation_id = new_correlation_id()
+        try:
+            assertion = make_assertion(self._settings, started, new_jti())
+        except Exception as e:  # a key PyJWT cannot use: report it like any failed fetch
+            self._give_up(TokenError(f"cannot sign the assertion: {type(e).__name__}"))
+            return
+        body, headers = build_token_request(self._settings, assertion, correlation_id)
+        if self._metrics is not None:
+            self._metrics.oauth_token_fetches.labels(self._route).inc()
+        d = maybeDeferred(self._fetch, body, headers)
+        self._inflight = d  # set before callbacks: the fetch may already have an answer
+        d.addTimeout(self._settings.request_timeout, self._reactor_time)
+        d.addCallback(self._parse, started)
+        d.addCallbacks(
+            self._fetched,
+            self._failed,
+            callbackArgs=(started, correlation_id),
+            errbackArgs=(assertion,),
+        )
+
+    def _parse(self, answer: tuple[int, bytes], started: float) -> Token:
+        status, body = answer
+        return parse_token_response(status, body, started, endpoint=self._endpoint)
+
+    def _fetched(self, token: Token, started: float, correlation_id: str) -> None:
+        self._inflight = None
+        expires_in = token.expires_at - started
+        s = self._settings
+        self._current = token
+        self._obtained_at = started
+        self._usable_until = token.expires_at - min(s.expiry_skew, expires_in / 4)
+        spread = self._random.uniform(-s.refresh_jitter, s.refresh_jitter)
+        target = started + expires_in * (s.refresh_fraction + spread)
+        latest = token.expires_at - s.refresh_min_margin
+        self._refresh_at = max(started + expires_in / 2, min(target, latest))
+        self._failures = 0
+        self._last_error = None
+        self._not_before = -math.inf
+        self.log.info(
+            "route {route}: OAuth token obtained, expires in {expires_in:.0f} s, "
+            "refresh in {refresh_in:.0f} s (x-correlation-id {correlation_id})",
+            route=self._route,
+            expires_in=expires_in,
+            refresh_in=self._refresh_at - started,
+            correlation_id=correlation_id,
+        )
+        if not self._stopped:
+            self._schedule(self._refresh_at - self._clock.seconds())
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:  # a caller may have given up (cancelled)
+                waiter.callback(token.value)
+
+    def _failed(self, failure: Failure, assertion: str) -> None:
+        self._inflight = None
+        error = self._as_token_error(failure.value)
+        if assertion and assertion in error.detail:
+            error = TokenError(
+                error.detail.replace(assertion, "[redacted]"),
+                status=error.status,
+                retryable=error.retryable,
+            )
+        self._give_up(error)
+
+    def _give_up(self, error: TokenError) -> None:
+        self._failures += 1
+        if self._metrics is not None:
+            self._metrics.oauth_token_failures.labels(self._route).inc()
+        s = self._settings
+        if error.retryable:
+            base = min(s.retry_max, s.retry_initial * 2.0 ** min(self._failures - 1, 30))
+        else:
+            base = s.rejected_backoff
+        delay = base * self._random.uniform(1.0 - s.backoff_jitter, 1.0)
+        self._not_before = self._clock.seconds() + delay
+        self._last_error = error
+        if self._stopped:
+            next_attempt = "the route is stopping"
+        elif error.retryable:
+            self._schedule(delay)
+            next_attempt = f"retrying in {delay:.1f} s"
+        else:
+            self._cancel_timer()  # a rejected request waits for a caller, see the class doc
+            next_attempt = f"no retry before {delay:.1f} s, and then only when a request needs it"
+        if self._usable(self._clock.seconds()):
+            next_attempt += "; the current token stays in use until it expires"
+        self.log.warn(
+            "route {route}: OAuth token fetch failed ({detail}); failure {failures} in a row, "
+            "{next_attempt}",
+            route=self._route,
+            detail=error.detail,
+            failures=self._failures,
+            next_attempt=next_attempt,
+        )
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.errback(error)
+
+    def _as_token_error(self, e: BaseException | None) -> TokenError:
+        if isinstance(e, TokenError):
+            return e
+        if isinstance(e, TimeoutError):
+            reason = f"no answer within {self._settings.request_timeout:g} s"
+        elif isinstance(e, CancelledError):
+            reason = "cancelled" if not self._stopped else "the route is stopping"
+        else:
+            reason = _describe(e)
+        return TokenError(f"{self._endpoint} unreachable: {printable(reason, 300)}")
+
+
+def _describe(e: BaseException | None) -> str:
+    if e is None:
+        return "unknown failure"
+    if isinstance(e, ResponseFailed) and e.reasons:
+        return "; ".join(_describe(f.value) for f in e.reasons)
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------- fetch over Agent
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: _Writable) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _CappedBody(TwistedProtocol):
+    """readBody with a ceiling: past ``cap`` bytes the connection is aborted."""
+
+    def __init__(self, cap: int, expected: int | None) -> None:
+        self.cap = cap
+        self.expected = expected
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done: Deferred[bytes] = Deferred(lambda _: self._abort())
+
+    def _abort(self) -> None:
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+
+    def _too_large(self) -> None:
+        if not self.done.called:
+            self.done.errback(
+                TokenError(f"token endpoint answer exceeds {self.cap} bytes; connection aborted")
+            )
+        self._abort()
+
+    def connectionMade(self) -> None:
+        if self.expected is not None and self.expected > self.cap:
+            self._too_large()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.cap:
+            self._too_large()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if isinstance(reason.value, ResponseDone):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+
+class AgentFetcher:
+    """The ``fetch`` of a ``TokenSource`` over ``twisted.web.client.Agent``.
+
+    ``policy`` is the route's mutual-TLS client policy. Connections are not kept: token calls
+    are rare and each one asks DNS again.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        url: str,
+        policy: IPolicyForHTTPS,
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float | None = None,
+        max_body: int = MAX_TOKEN_RESPONSE,
+    ) -> None:
+        self._reactor_time: IReactorTime = reactor
+        self._url = url.encode("ascii")
+        self._timeout = timeout
+        self._max_body = max_body
+        pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+        self._agent = Agent(  # type: ignore[no-untyped-call]
+            reactor,
+            contextFactory=policy,
+            connectTimeout=connect_timeout if connect_timeout is not None else timeout,
+            pool=pool,
+        )
+
+    def __call__(self, body: bytes, headers: Mapping[str, str]) -> Deferred[tuple[int, bytes]]:
+        raw = Headers({k.encode("ascii"): [v.encode("ascii")] for k, v in headers.items()})
+        producer = cast(IBodyProducer, _BytesProducer(body))
+        d: Deferred[IResponse] = self._agent.request(b"POST", self._url, raw, producer)
+        answer = d.addCallback(self._read)
+        answer.addTimeout(self._timeout, self._reactor_time)
+        return answer
+
+    def _read(self, response: IResponse) -> Deferred[tuple[int, bytes]]:
+        length = response.length
+        reader = _CappedBody(self._max_body, None if length is UNKNOWN_LENGTH else int(length))
+        cast(Any, response).deliverBody(reader)
+        code: int = response.code
+        return reader.done.addCallback(lambda body: (code, body))

@@ -1,0 +1,69 @@
+"""Admin listener: /healthz, /readyz, /metrics (twisted.web: it is off the data path)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+
+class State(Protocol):
+    """What the admin listener reads of the running service."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"ok\n"
+
+
+class _Ready(Resource):
+    isLeaf = True
+
+    def __init__(self, state: State) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.sidecar = state
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        if self.sidecar.draining:
+            request.setResponseCode(503)
+            return b"draining\n"
+        if not self.sidecar.ready:
+            request.setResponseCode(503)
+            return b"starting\n"
+        return b"ready\n"
+
+
+class _Metrics(Resource):
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        out: bytes = generate_latest(self.registry)
+        return out
+
+
+def admin_site(state: State, registry: CollectorRegistry) -> Any:
+    root = Resource()
+    root.putChild(b"healthz", _Health())  # type: ignore[no-untyped-call]
+    root.putChild(b"readyz", _Ready(state))
+    root.putChild(b"metrics", _Metrics(registry))
+    site = Site(root)
+    site.noisy = False
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site

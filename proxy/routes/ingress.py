@@ -1,0 +1,166 @@
+"""Ingress: mutual TLS from the partner -> plain HTTP to the internal app, with the verified
+client identity in headers the app can trust (every client-sent copy is removed first)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.python.failure import Failure
+
+from proxy.config import IngressRoute as IngressConfig
+from proxy.routes.route import Route
+from proxy.tls import identity
+from proxy.wire.http import HOP_BY_HOP, ProxyError, RequestHead
+from proxy.wire.relay import Downstream, Exchange, LocalHandler
+
+PEER_CACHE_SIZE = 256
+FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"expect"})
+DROP = HOP_BY_HOP | FORWARDED
+
+
+@attrs.frozen
+class Peer:
+    """A verified client certificate, computed once and shared by its connections."""
+
+    subject: str
+    allowed: bool
+    headers: tuple[tuple[bytes, bytes], ...]
+
+
+def handshake_reason(down: Downstream, reason: Failure) -> str:
+    """A short label for a failed ingress handshake (metrics and logs)."""
+    verify = getattr(down, "verify_error", None) or ""
+    text = reason.getErrorMessage().lower()
+    if "expired" in verify:
+        return "certificate_expired"
+    if "not yet valid" in verify:
+        return "certificate_not_yet_valid"
+    if verify:
+        return "certificate_untrusted"
+    if "peer did not return a certificate" in text or "certificate required" in text:
+        return "no_client_certificate"
+    if "version" in text or "protocol" in text:
+        return "protocol_version"
+    if "cipher" in text:
+        return "no_shared_cipher"
+    return "handshake_failed"
+
+
+class Ingress(Route):
+    direction = "ingress"
+
+    def __init__(self, config: IngressConfig, *, token_endpoint: Any = None, **kw: Any) -> None:
+        super().__init__(name=config.name, limits=config.limits, timeouts=config.timeouts, **kw)
+        self.config = config
+        self.base_path = config.upstream.base_path.encode()
+        self.token_endpoint = token_endpoint
+        self.peers: dict[bytes, Peer] = {}  # leaf SHA-256 -> Peer; cleared on reload
+
+    def handshake_completed(self, down: Downstream) -> None:
+        conn = down.transport.getHandle()
+        cert = conn.get_peer_certificate()
+        if cert is None:
+            return
+        # A partner uses few certificates for many connections: one Peer per leaf, shared.
+        key = cert.digest("sha256")
+        peer = self.peers.get(key)
+        if peer is None:
+            peer = self._peer(conn)
+            if peer is None:
+                return
+            if len(self.peers) >= PEER_CACHE_SIZE:
+                self.peers.pop(next(iter(self.peers)))
+            self.peers[key] = peer
+        down.peer = peer
+
+    def _peer(self, conn: Any) -> Peer | None:
+        chain = conn.get_verified_chain(as_cryptography=True) or []
+        if not chain:
+            return None
+        leaf = chain[0]
+        patterns = self.config.allow_subjects
+        return Peer(
+            subject=identity.rfc4514_subject(leaf),
+            allowed=identity.subject_matches(leaf, patterns) if patterns else True,
+            headers=tuple(identity.identity_headers(chain, self.config.identity_headers)),
+        )
+
+    def connection_closed(self, down: Downstream, reason: Failure) -> None:
+        if not down.handshake_done:
+            if down.handshake_timed_out:
+                label, detail = (
+                    "handshake_timeout",
+                    (f"no TLS handshake within {self.timeouts.handshake:g}s"),
+                )
+            else:
+                label = handshake_reason(down, reason)
+                detail = getattr(down, "verify_error", None) or reason.getErrorMessage()
+            if label != "handshake_failed" or "SSL" in repr(reason.value):
+                self.metrics.handshake_errors.labels(self.name, label).inc()
+                self.peer_log.info(
+                    f"handshake:{label}",
+                    "{route}: TLS handshake from {client} refused: {reason} ({detail})",
+                    route=self.name,
+                    client=down.peer_host,
+                    reason=label,
+                    detail=detail,
+                )
+        super().connection_closed(down, reason)
+
+    def local_handler(self, head: RequestHead, down: Downstream) -> LocalHandler | None:
+        if self.token_endpoint is None:
+            return None
+        self._authorize_peer(down)
+        path = head.target.split(b"?", 1)[0]
+        if path != self.token_endpoint.path:
+            return None
+        handler: LocalHandler = self.token_endpoint.answer
+        return handler
+
+    def _authorize_peer(self, down: Downstream) -> Peer:
+        peer: Peer | None = down.peer
+        if peer is None:
+            raise ProxyError(403, "forbidden", "no verified client certificate")
+        if not peer.allowed:
+            self.peer_log.warn(
+                "subject_not_allowed",
+                "{route}: client subject {subject} refused: not in allow_subjects",
+                route=self.name,
+                subject=peer.subject,
+            )
+            raise ProxyError(403, "forbidden", "client certificate subject is not allowed")
+        return peer
+
+    def prepare(
+        self, head: RequestHead, down: Downstream
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        peer = self._authorize_peer(down)
+        if not head.target.startswith(b"/"):
+            raise ProxyError(400, "bad_request", "request target must be origin-form (/path)")
+        if self.token_endpoint is not None:
+            self.token_endpoint.check(head)
+        drop = DROP | head.listed if head.listed else DROP
+        out: list[tuple[bytes, bytes]] = []
+        has_host = False
+        for lname, name, value in head.headers:
+            if lname in drop or lname.startswith(b"proxy-") or identity.is_identity_header(lname):
+                continue
+            if lname == b"host":
+                has_host = True
+            out.append((name, value))
+        if not has_host:
+            out.append((b"Host", self.config.upstream.authority.encode("idna")))
+        out.extend(peer.headers)
+        out.append((b"X-Forwarded-For", down.peer_host.encode()))
+        out.append((b"X-Forwarded-Proto", b"https"))
+        return self.base_path + head.target, out
+
+    def error_headers(self, err: ProxyError) -> list[tuple[bytes, bytes]]:
+        if err.status == 401:
+            return [(b"WWW-Authenticate", b'Bearer realm="mtls-sidecar"')]
+        return []
+
+    def access_fields(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
+        peer: Peer | None = down.peer
+        return {"peer_subject": peer.subject} if peer is not None else {}

@@ -1,0 +1,303 @@
+"""TLS contexts from config: client (egress) and server (ingress), each swappable on reload.
+
+Contexts are built with pyOpenSSL directly and handed to Twisted through the public connection
+creator interfaces; a reload builds a whole new context, validates it, then swaps it in. Open
+connections keep the context they were made with.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import certifi
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from proxy import config as cfg
+from proxy.tls import pki
+
+# TLS 1.2: ECDHE with AEAD only; TLS 1.3 suites are all AEAD and left to OpenSSL's defaults.
+CIPHERS_TLS12 = b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:" + (
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+ALPN = [b"http/1.1"]
+_OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
+
+# OpenSSL X509_V_ERR_* -> a reason an operator can act on
+VERIFY_REASONS = {
+    2: "issuer certificate not found (not signed by a CA in the trust store)",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate (not in the trust store)",
+    19: "self-signed certificate in the chain (root not in the trust store)",
+    20: "unable to get local issuer certificate (not signed by a CA in the trust store)",
+    21: "unable to verify the first certificate (chain incomplete or CA not trusted)",
+    24: "invalid CA certificate",
+    26: "unsupported certificate purpose (wrong extended key usage)",
+    62: "hostname mismatch",
+    64: "IP address mismatch",
+}
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+class MaterialError(Exception):
+    """Key material that cannot be used; the message names the file and the reason."""
+
+
+@attrs.frozen
+class KeyPair:
+    chain: tuple[x509.Certificate, ...]  # leaf first
+    key: Any  # a cryptography private key
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def read_chain(path: Path, what: str) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MaterialError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise MaterialError(f"{what} {path}: not a PEM certificate: {e}") from None
+    return certs
+
+
+def read_key(path: Path, what: str) -> Any:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MaterialError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise MaterialError(f"{what} {path}: not an unencrypted PEM private key: {e}") from None
+
+
+def load_key_pair(
+    cert_path: Path, key_path: Path, profile: str, *, cert_what: str, key_what: str
+) -> KeyPair:
+    chain = read_chain(cert_path, cert_what)
+    key = read_key(key_path, key_what)
+    if not pki.key_matches_cert(key, chain[0]):
+        raise MaterialError(f"{key_what} {key_path}: does not match the certificate in {cert_path}")
+    problem = pki.key_policy_problem(key.public_key(), profile)
+    if problem:
+        raise MaterialError(f"{key_what} {key_path}: {problem}")
+    return KeyPair(tuple(chain), key)
+
+
+def _trust_store(ctx: SSL.Context, cafile: Path | None, what: str) -> None:
+    path = str(cafile) if cafile else certifi.where()
+    try:
+        ctx.load_verify_locations(path)
+    except SSL.Error as e:
+        raise MaterialError(f"{what} {path}: no usable CA certificate: {e}") from None
+
+
+def _use_pair(ctx: SSL.Context, pair: KeyPair) -> None:
+    ctx.use_certificate(crypto.X509.from_cryptography(pair.leaf))
+    for extra in pair.chain[1:]:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(pair.key))
+    ctx.check_privatekey()
+
+
+def _base_context(method: int, profile: str) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(_OPTIONS)
+    # idle keep-alive connections give their 2 x 16+ KiB record buffers back to the allocator
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_cipher_list(CIPHERS_TLS12 + (b":@SECLEVEL=2" if profile == "generic" else b""))
+    return ctx
+
+
+def _record_verify_error(
+    conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+) -> bool:
+    """Keep OpenSSL's first verification error on the protocol so errors can say which."""
+    if not ok:
+        tls_protocol = conn.get_app_data()
+        proto = getattr(tls_protocol, "wrappedProtocol", None)
+        if proto is not None and getattr(proto, "verify_error", None) is None:
+            subject = cert.to_cryptography().subject.rfc4514_string()
+            reason = VERIFY_REASONS.get(errno, f"verification error {errno}")
+            proto.verify_error = f"{reason} (depth {depth}: {subject})"
+    return bool(ok)
+
+
+# --------------------------------------------------------------------------- client (egress)
+@attrs.frozen
+class ClientMaterial:
+    pair: KeyPair | None  # None: no client certificate (an https internal upstream)
+    context: SSL.Context
+
+
+def client_context(pair: KeyPair | None, trust: Path | None, profile: str) -> SSL.Context:
+    ctx = _base_context(SSL.TLS_CLIENT_METHOD, profile)
+    if pair is not None:
+        _use_pair(ctx, pair)
+    _trust_store(ctx, trust, "trust")
+    ctx.set_verify(SSL.VERIFY_PEER, _record_verify_error)
+    ctx.set_alpn_protos(ALPN)
+    return ctx
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientTLS:
+    """Creates client connections for one upstream name from the current context.
+
+    Hostname verification happens after the handshake, in the upstream protocol, before a
+    single request byte is written (see pool.UpstreamConnection.handshakeCompleted).
+    """
+
+    def __init__(self, material: ClientMaterial, server_name: str) -> None:
+        self.material = material
+        self.server_name = server_name
+        self._sni = server_name.encode("idna") if not _is_ip(server_name) else None
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        conn = SSL.Connection(self.material.context, None)
+        conn.set_app_data(tlsProtocol)
+        if self._sni:
+            conn.set_tlsext_host_name(self._sni)
+        conn.set_connect_state()
+        return conn
+
+
+def _is_ip(host: str) -> bool:
+    from twisted.internet.abstract import isIPAddress, isIPv6Address
+
+    return isIPAddress(host) or isIPv6Address(host)
+
+
+# --------------------------------------------------------------------------- server (ingress)
+@attrs.frozen
+class ServerMaterial:
+    pair: KeyPair
+    client_cas: tuple[x509.Certificate, ...]
+    context: SSL.Context
+
+
+def server_context(
+    pair: KeyPair, client_ca: Path, profile: str, session_id: bytes
+) -> tuple[SSL.Context, list[x509.Certificate]]:
+    cas = read_chain(client_ca, "client_ca")
+    ctx = _base_context(SSL.TLS_SERVER_METHOD, profile)
+    _use_pair(ctx, pair)
+    store = ctx.get_cert_store()
+    assert store is not None
+    for ca in cas:  # only these: the system roots are never trusted for clients
+        store.add_cert(crypto.X509.from_cryptography(ca))
+    # an intermediate CA given as the only anchor must be enough
+    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
+    ctx.set_verify(
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
+        _record_verify_error,
+    )
+    ctx.set_verify_depth(5)
+    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in cas])
+    ctx.set_session_id(session_id[:32])
+    ctx.set_alpn_select_callback(_select_alpn)
+    return ctx, cas
+
+
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    if b"http/1.1" in offered:
+        return b"http/1.1"
+    return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """Server connections from the current material; reload swaps `material`."""
+
+    def __init__(self, material: ServerMaterial) -> None:
+        self.material = material
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        conn = SSL.Connection(self.material.context, None)
+        conn.set_app_data(tlsProtocol)
+        return conn
+
+
+def not_after(cert: x509.Certificate) -> datetime.datetime:
+    return cert.not_valid_after_utc
+
+
+def verify_hostname_error(conn: SSL.Connection, name: str) -> str | None:
+    """service_identity's verdict on the peer certificate for name, or None when it matches."""
+    from service_identity import CertificateError, VerificationError
+    from service_identity.pyopenssl import verify_hostname, verify_ip_address
+
+    try:
+        if _is_ip(name):
+            verify_ip_address(conn, name)
+        else:
+            verify_hostname(conn, name)
+    except (VerificationError, CertificateError) as e:
+        cert = conn.get_peer_certificate(as_cryptography=True)
+        names: list[str] = []
+        if cert is not None:
+            try:
+                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                names = [str(n.value) for n in san]
+            except x509.ExtensionNotFound:
+                names = []
+        return (
+            f"hostname mismatch: certificate is for {', '.join(names) or 'no name'}, not {name}"
+            + ("" if names else f" ({e})")
+        )
+    return None
+
+
+def tls_factory(creator: Any, is_client: bool, wrapped: Any) -> TLSMemoryBIOFactory:
+    """TLS around a factory, without Twisted's small-write aggregation: the relay already
+    writes whole messages (one cork per upstream read), so the aggregator's per-write
+    callLater(0) would only add a timer and a loop iteration to every request."""
+    factory = TLSMemoryBIOFactory(creator, is_client, wrapped)
+    factory.protocol = TLSMemoryBIOProtocol
+    factory.noisy = False
+    return factory
+
+
+# --------------------------------------------------------------------------- from config
+def build_client_material(route: cfg.EgressRoute) -> ClientMaterial:
+    pair = load_key_pair(
+        route.client_cert, route.client_key, route.profile,
+        cert_what="client_cert", key_what="client_key",
+    )  # fmt: skip
+    return ClientMaterial(pair, client_context(pair, route.trust, route.profile))
+
+
+def build_server_material(route: cfg.IngressRoute) -> ServerMaterial:
+    pair = load_key_pair(
+        route.server_cert, route.server_key, route.profile,
+        cert_what="server_cert", key_what="server_key",
+    )  # fmt: skip
+    ctx, cas = server_context(
+        pair, route.client_ca, route.profile, f"mtls-sidecar/{route.name}".encode()
+    )
+    return ServerMaterial(pair, tuple(cas), ctx)
+
+
+def build_upstream_material(route: cfg.IngressRoute) -> ClientMaterial:
+    """TLS toward an https internal upstream: its own trust, no client certificate."""
+    return ClientMaterial(None, client_context(None, route.upstream_trust, route.profile))

@@ -1,0 +1,477 @@
+"""Upstream connections: DNS asked on every connect, max age, idle timeout, connect/TLS timeout.
+
+A connection is handed out only once it is ready: TCP connected and, for https, the handshake
+done, the chain verified against `trust` and the name checked. Until then no request byte has
+been written, so failing over to the next DNS answer on a refused connect is always safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as Interface
+
+import httptools
+from twisted.internet import defer, error
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IHostnameResolver,
+    IReactorTCP,
+    IWriteDescriptor,
+)
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from proxy.tls.contexts import ClientTLS, tls_factory, verify_hostname_error
+from proxy.wire.http import ProxyError, tokens_of
+from proxy.wire.resolver import ResolveError, resolve
+
+
+class ResponseSink(Interface):
+    """What an upstream connection reports to (relay.Exchange; probe's bare response reader)."""
+
+    def response_head(self, up: UpstreamConnection) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self) -> None: ...
+    def upstream_lost(self, reason: Failure) -> None: ...
+    def upstream_failed(self, err: ProxyError) -> None: ...
+    def upstream_timeout(self) -> None: ...
+    def upstream_full(self, full: bool) -> None: ...
+
+
+_NOTHING: frozenset[bytes] = frozenset()
+
+
+def socket_of(transport: Any) -> Any:
+    """The reactor's descriptor under a transport (TLS wraps the TCP one), or None for
+    transports no reactor drives (in-memory ones in tests). Looked up once per connection."""
+    if IWriteDescriptor.providedBy(transport):
+        return transport
+    inner = getattr(transport, "transport", None)
+    return inner if IWriteDescriptor.providedBy(inner) else None
+
+
+def send_now(raw: Any) -> None:
+    """Send what this turn queued on a connection now, not on the next reactor turn.
+
+    Twisted queues every write until the socket polls writable; on a request/response path that
+    costs a poll registration and a dispatch per message. IWriteDescriptor.doWrite() is the
+    reactor's own way in: if the socket cannot take the data the rest stays queued and the
+    reactor finishes it (and reports any error) as usual.
+    """
+    if raw is not None and raw.connected and not raw.disconnecting:
+        raw.doWrite()
+
+
+@implementer(IHandshakeListener)
+class UpstreamConnection(Protocol):
+    """One connection to the upstream; parses responses for the exchange attached to it."""
+
+    transport: Any  # TCP, or TLS (ITLSTransport) toward https upstreams
+
+    def __init__(self, pool: Pool, address: str, tls_name: str | None, now: float) -> None:
+        self.pool = pool
+        self.address = address
+        self.label = f"{address}:{pool.port}"  # for logs
+        self.tls_name = tls_name
+        self.created = now
+        self.generation = pool.generation
+        self.deadline = now + pool.connect_timeout
+        self.ready: defer.Deferred[UpstreamConnection] | None = defer.Deferred(self._orphan)
+        self.orphaned = False  # the exchange that asked for it went away before it was ready
+        self.closing = False
+        self.exchange: ResponseSink | None = None
+        self.connected = False
+        self.in_head = False
+        self.head_bytes = 0
+        self.head_error: str | None = None
+        self.raw: Any = None  # the TCP descriptor, for send_now()
+        self.connector: Any = None
+        self.verify_error: str | None = None
+        self.failure_detail: str | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.paused: set[str] = set()
+        self.status = 0
+        self.keep_alive = False
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.listed: frozenset[bytes] = _NOTHING  # names the response's Connection lists
+
+    # ---- connection lifecycle
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.raw = socket_of(self.transport)
+        self.pool.live.add(self)
+        self.transport.registerProducer(_Backpressure(self), True)
+        if self.tls_name is None:
+            self._ready()
+
+    def handshakeCompleted(self) -> None:
+        assert self.tls_name is not None
+        problem = verify_hostname_error(self.transport.getHandle(), self.tls_name)
+        if problem:
+            self.failure_detail = problem
+            self.transport.abortConnection()
+            return
+        self._ready()
+
+    def _orphan(self, d: defer.Deferred[UpstreamConnection]) -> None:
+        """The request waiting for this connection is gone (the client gave up)."""
+        self.orphaned = True
+
+    def _ready(self) -> None:
+        self.deadline = 0.0
+        d, self.ready = self.ready, None
+        if self.orphaned:  # nobody waits for it: keep it for the next request, or close it
+            self.pool.release(self, reusable=True)
+        elif d is not None:
+            d.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        down = getattr(self.exchange, "down", None)  # probe attaches a bare response reader
+        if down is not None:
+            down.cork()
+        try:
+            self.parser.feed_data(data)
+            if self.in_head and self.head_error is None:  # httptools holds a partial head
+                self.head_bytes += len(data)
+                if self.head_bytes > self.pool.max_head_bytes:
+                    self.head_error = f"response head over {self.pool.max_head_bytes} bytes"
+            if self.head_error is not None:
+                self._protocol_error(
+                    f"{self.head_error} (max_response_header_bytes/max_response_headers)",
+                    "upstream_header_too_large",
+                )
+        except httptools.HttpParserUpgrade:
+            self._protocol_error("upstream switched protocols; not supported")
+        except httptools.HttpParserError as e:
+            self._protocol_error(f"invalid HTTP response from upstream: {e}")
+        finally:
+            if down is not None:
+                down.uncork()
+                if not down.gone:
+                    send_now(down.raw)
+
+    def _protocol_error(self, detail: str, code: str = "bad_gateway") -> None:
+        ex = self.exchange
+        self.exchange = None
+        self.transport.abortConnection()
+        if ex is not None:
+            ex.upstream_failed(ProxyError(502, code, detail))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected = False
+        self.pool.forget(self)
+        if self.ready is not None:
+            d, self.ready = self.ready, None
+            d.errback(self._handshake_failure(reason))
+            return
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
+            ex.upstream_lost(reason)
+
+    def _handshake_failure(self, reason: Failure) -> ProxyError:
+        if self.failure_detail:
+            detail = self.failure_detail
+        elif self.verify_error:
+            detail = f"upstream certificate not trusted: {self.verify_error}"
+        elif reason.check(error.ConnectionDone, error.ConnectionLost):
+            detail = (
+                "connection closed during the TLS handshake "
+                "(the upstream may have refused our client certificate)"
+            )
+        else:
+            detail = f"TLS handshake failed: {_ssl_text(reason)}"
+        self.pool.handshake_failed(detail)
+        return ProxyError(502, "upstream_tls_failed", f"{detail} [{self.address}]")
+
+    # ---- response parsing (httptools callbacks)
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+        self.listed = _NOTHING
+        self.in_head = True
+        self.head_bytes = 0
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_error is not None:
+            return
+        if len(self.headers) >= self.pool.max_head_fields:
+            self.head_error = f"more than {self.pool.max_head_fields} response header fields"
+            return
+        lname = name.lower()
+        if lname == b"connection":
+            self.listed |= tokens_of(value)
+        self.headers.append((lname, name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.head_error is None:
+            size = len(self.reason) + sum(len(n) + len(v) + 4 for _l, n, v in self.headers)
+            if size > self.pool.max_head_bytes:
+                self.head_error = f"response head over {self.pool.max_head_bytes} bytes"
+        if self.head_error is not None:
+            return  # answered 502 once feed_data returns; nothing of this head is forwarded
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        if self.status < 200 or self.exchange is None:
+            return  # interim 1xx: not forwarded (Expect is answered by us)
+        self.exchange.response_head(self)
+
+    def on_body(self, data: bytes) -> None:
+        if self.exchange is not None and self.head_error is None:
+            self.exchange.response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self.status >= 200 and self.exchange is not None and self.head_error is None:
+            self.exchange.response_complete()
+
+    def reset_parser(self) -> None:
+        """After a response that has no body by the request method (HEAD)."""
+        self.parser = httptools.HttpResponseParser(self)
+
+    # ---- flow control
+    def pause(self, reason: str) -> None:
+        if not self.paused:
+            self.transport.pauseProducing()
+        self.paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.paused:
+            self.paused.discard(reason)
+            if not self.paused and self.connected:
+                self.transport.resumeProducing()
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Our close_notify, then TCP closes without waiting for the upstream's reply (the
+        producer is unregistered first: Twisted's TLS postpones its shutdown until it is);
+        the sweep aborts what is still open after close_grace."""
+        if self.connected and not self.closing:
+            self.closing = True
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            if self.raw is not None and self.raw is not self.transport:
+                self.raw.loseConnection()
+            self.deadline = self.pool.clock.seconds() + self.pool.close_grace
+
+    def abort(self) -> None:
+        if self.connected:
+            self.transport.abortConnection()
+
+
+class _Backpressure:
+    """Registered on the upstream transport: its write buffer full -> stop reading the client."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+
+    def pauseProducing(self) -> None:
+        ex = self.conn.exchange
+        if ex is not None:
+            ex.upstream_full(True)
+
+    def resumeProducing(self) -> None:
+        ex = self.conn.exchange
+        if ex is not None:
+            ex.upstream_full(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _ssl_text(reason: Failure) -> str:
+    value = reason.value
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list):  # OpenSSL.SSL.Error: [(lib, func, reason), ...]
+        texts = [str(item[-1]) for item in args[0] if isinstance(item, tuple)]
+        if texts:
+            return "; ".join(texts)
+    return str(value) or type(value).__name__
+
+
+class _Factory(ClientFactory):
+    noisy = False
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return self.conn
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.conn.pool.forget(self.conn)
+        if self.conn.ready is not None:
+            d, self.conn.ready = self.conn.ready, None
+            d.errback(reason)
+
+
+class Pool:
+    """Idle keep-alive connections to one upstream (host, port), newest first."""
+
+    def __init__(
+        self,
+        *,
+        reactor: IReactorTCP,
+        clock: Any,
+        resolver: IHostnameResolver,
+        host: str,
+        port: int,
+        tls: ClientTLS | None,
+        connect_timeout: float,
+        idle_timeout: float,
+        max_age: float,
+        max_idle: int,
+        max_head_bytes: int = 32 * 1024,
+        max_head_fields: int = 100,
+        close_grace: float = 1.0,
+        on_connect: Callable[[str], None] = lambda result: None,
+        on_handshake_error: Callable[[str], None] = lambda detail: None,
+    ) -> None:
+        self.reactor, self.clock, self.resolver = reactor, clock, resolver
+        self.host, self.port, self.tls = host, port, tls
+        self.connect_timeout, self.idle_timeout = connect_timeout, idle_timeout
+        self.max_age, self.max_idle = max_age, max_idle
+        self.max_head_bytes, self.max_head_fields = max_head_bytes, max_head_fields
+        self.close_grace = close_grace
+        self.on_connect, self.on_handshake_error = on_connect, on_handshake_error
+        self.idle: list[UpstreamConnection] = []
+        self.live: set[UpstreamConnection] = set()
+        self.generation = 0
+
+    def acquire(self) -> UpstreamConnection | defer.Deferred[UpstreamConnection]:
+        """A ready idle connection at once, or a Deferred for a new one."""
+        now = self.clock.seconds()
+        while self.idle:
+            conn = self.idle.pop()
+            if conn.connected and not conn.closing and now - conn.created < self.max_age:
+                conn.deadline = 0.0
+                return conn
+            conn.close()
+        return defer.ensureDeferred(self._connect())
+
+    async def _connect(self) -> UpstreamConnection:
+        try:
+            addresses = await resolve(self.resolver, self.host, self.port)
+        except ResolveError as e:
+            self.on_connect("dns_error")
+            raise ProxyError(502, "upstream_unreachable", str(e)) from None
+        except defer.CancelledError:
+            raise  # the client went away while we were resolving
+        except Exception as e:
+            self.on_connect("dns_error")
+            raise ProxyError(502, "upstream_unreachable", f"DNS: {self.host}: {e}") from None
+        last = ""
+        for address in addresses:
+            try:
+                conn = await self._dial(address)
+            except error.ConnectError as e:  # refused/unreachable/timeout: nothing was sent
+                last = f"{address}:{self.port}: {_connect_text(e)}"
+                if isinstance(e, error.TimeoutError):
+                    self.on_connect("timeout")
+                    raise ProxyError(
+                        504, "upstream_timeout", f"connect to {address}:{self.port} timed out"
+                    ) from None
+                continue
+            self.on_connect("ok")
+            return conn
+        self.on_connect("refused")
+        raise ProxyError(502, "upstream_unreachable", f"cannot connect to {self.host}: {last}")
+
+    def _dial(self, address: str) -> defer.Deferred[UpstreamConnection]:
+        conn = UpstreamConnection(
+            self, address, self.tls.server_name if self.tls else None, self.clock.seconds()
+        )
+        assert conn.ready is not None
+        ready = conn.ready
+        factory: Any = _Factory(conn)
+        if self.tls is not None:
+            factory = tls_factory(self.tls, True, factory)
+        conn.connector = self.reactor.connectTCP(
+            address, self.port, factory, timeout=self.connect_timeout
+        )
+        self.live.add(conn)
+        return ready
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        conn.exchange = None
+        now = self.clock.seconds()
+        if (
+            reusable
+            and conn.connected
+            and not conn.closing
+            and conn.generation == self.generation
+            and now - conn.created < self.max_age
+            and len(self.idle) < self.max_idle
+        ):
+            for reason in list(conn.paused):
+                conn.resume(reason)
+            conn.deadline = now + self.idle_timeout
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.live.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def handshake_failed(self, detail: str) -> None:
+        self.on_handshake_error(detail)
+
+    def renew(self) -> None:
+        """New key material: idle connections go now, busy ones after their response."""
+        self.generation += 1
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def states(self) -> dict[str, int]:
+        """Upstream connections by state, for /metrics."""
+        connecting = sum(1 for c in self.live if c.ready is not None)
+        idle = len(self.idle)
+        active = len(self.live) - connecting - idle
+        return {"connecting": connecting, "idle": idle, "active": active}
+
+    def sweep(self, now: float) -> None:
+        for conn in list(self.live):
+            if conn.deadline and now >= conn.deadline:
+                conn.deadline = 0.0
+                if conn.closing:  # the upstream did not finish our close in time
+                    conn.abort()
+                elif conn.ready is not None:
+                    conn.failure_detail = (
+                        f"connect/TLS handshake to {conn.address}:{self.port} timed out "
+                        f"after {self.connect_timeout:g}s"
+                    )
+                    d, conn.ready = conn.ready, None
+                    if conn.connected:
+                        conn.abort()
+                    elif conn.connector is not None:
+                        conn.connector.stopConnecting()
+                    self.forget(conn)
+                    d.errback(ProxyError(504, "upstream_timeout", conn.failure_detail))
+                elif conn.exchange is not None:
+                    conn.exchange.upstream_timeout()
+                else:
+                    conn.close()
+            elif conn.exchange is None and conn in self.idle and now - conn.created >= self.max_age:
+                conn.close()
+
+    def close_all(self) -> None:
+        for conn in list(self.live):
+            conn.abort()
+
+
+def _connect_text(e: Exception) -> str:
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.TimeoutError):
+        return "timed out"
+    return str(e) or type(e).__name__

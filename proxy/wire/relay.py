@@ -1,0 +1,816 @@
+"""The data path shared by both directions: a downstream HTTP/1.1 connection, its exchanges,
+and their upstream connections, with bodies streamed under back-pressure.
+
+Built on twisted.internet protocols and httptools rather than twisted.web: this is the per-
+request hot path. A route (egress.EgressRoute / ingress.IngressRoute) supplies the policy:
+what to forward, where, and with which headers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httptools
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from proxy.wire.http import (
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    Header,
+    ProxyError,
+    RequestHead,
+    check_request_framing,
+    chunk,
+    error_response,
+    response,
+    tokens_of,
+)
+from proxy.wire.pool import UpstreamConnection, send_now, socket_of
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUFFER_HIGH = 64 * 1024
+LOCAL_BODY_LIMIT = 16 * 1024  # bodies answered by the sidecar itself are small forms
+
+# (head, body) -> (status, headers, body): a request the sidecar answers itself
+LocalHandler = Callable[[RequestHead, bytes], tuple[int, Sequence[tuple[bytes, bytes]], bytes]]
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "body_buffer",
+        "body_seen",
+        "bytes_out",
+        "close_delimited",
+        "down",
+        "error",
+        "extra",
+        "head",
+        "headers_out",
+        "local",
+        "out_chunked",
+        "request_done",
+        "response_done",
+        "response_started",
+        "route",
+        "started",
+        "status",
+        "target",
+        "up",
+        "up_address",
+        "up_chunked",
+        "waiting",
+    )
+
+    def __init__(self, down: Downstream, head: RequestHead, err: ProxyError | None) -> None:
+        self.down = down
+        self.route = down.route
+        self.head = head
+        self.error = err
+        self.started = down.clock.seconds()
+        self.status = 0
+        self.bytes_out = 0
+        self.body_seen = 0
+        self.body_buffer: list[bytes] | None = []
+        self.up: UpstreamConnection | None = None
+        self.up_address = ""
+        self.up_chunked = head.chunked
+        self.request_done = False
+        self.response_started = False
+        self.response_done = False
+        self.out_chunked = False
+        self.close_delimited = False
+        self.target = b""
+        self.headers_out: list[tuple[bytes, bytes]] = []
+        self.extra: list[tuple[bytes, bytes]] = []
+        self.waiting: defer.Deferred[Any] | None = None
+        self.local: LocalHandler | None = None
+
+    # ---- request side
+    def start(self) -> None:
+        """The request head is complete and this exchange is at the front of the queue."""
+        if self.error is not None:
+            self.fail(self.error)
+            return
+        head = self.head
+        try:
+            check_request_framing(head)
+            limit = self.route.limits.max_body_bytes
+            if head.content_length is not None and head.content_length > limit:
+                raise ProxyError(413, "payload_too_large", f"request body over {limit} bytes")
+            self.local = self.route.local_handler(head, self.down)
+            if self.local is None:
+                self.target, self.headers_out = self.route.prepare(head, self.down)
+        except ProxyError as e:
+            self.fail(e)
+            return
+        if self.local is not None:  # answered by the sidecar itself (e.g. the token endpoint)
+            if self.request_done:
+                self._answer_locally()
+            return
+        if head.version == b"1.1" and head.expect and (head.chunked or head.content_length):
+            self.down.write(_CONTINUE)
+        d = self.route.before_upstream(self)
+        if d is None:
+            self._acquire()
+        else:
+            self.waiting = d
+            d.addCallbacks(self._authorized, self._fail_failure)
+
+    def _authorized(self, extra: list[tuple[bytes, bytes]]) -> None:
+        self.waiting = None
+        self.extra = extra
+        self._acquire()
+
+    def _acquire(self) -> None:
+        if self.down.gone:
+            return
+        got = self.route.pool.acquire()
+        if isinstance(got, UpstreamConnection):  # an idle pooled connection: no waiting
+            self._attached(got)
+        else:
+            self.waiting = got
+            got.addCallbacks(self._attached, self._fail_failure)
+
+    def _fail_failure(self, failure: Failure) -> None:
+        self.waiting = None
+        if failure.check(defer.CancelledError):
+            return
+        if isinstance(failure.value, ProxyError):
+            self.fail(failure.value)
+        else:
+            self.route.log.failure("unexpected error before upstream", failure)
+            self.fail(ProxyError(502, "bad_gateway", "internal error reaching the upstream"))
+
+    def _attached(self, up: UpstreamConnection) -> None:
+        self.waiting = None
+        if self.down.gone or self.response_done:
+            self.route.pool.release(up, reusable=True)  # fresh and unused: keep it
+            return
+        self.up = up
+        self.up_address = up.label
+        up.exchange = self
+        head = self.head
+        framing = (
+            b"Transfer-Encoding: chunked\r\n"
+            if self.up_chunked
+            else (
+                b"Content-Length: %d\r\n" % head.content_length
+                if head.content_length is not None
+                else b""
+            )
+        )
+        parts = [head.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        for name, value in self.headers_out:
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in self.extra:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (framing, b"\r\n")
+        buffered = self.body_buffer or ()
+        self.body_buffer = None
+        for data in buffered:
+            parts.append(chunk(data) if self.up_chunked else data)
+        if self.request_done and self.up_chunked:
+            parts.append(LAST_CHUNK)
+        # From here on bytes may reach the upstream: this request is never sent again.
+        up.write(b"".join(parts))
+        up.deadline = self.down.clock.seconds() + self.route.timeouts.response
+        self.down.resume("waiting-upstream")
+        if self.down.write_paused:
+            up.pause("client-full")
+
+    def request_body(self, data: bytes) -> None:
+        if self.response_done or self.error is not None:
+            return
+        self.body_seen += len(data)
+        self.down.deadline += len(data) / self.route.limits.min_body_rate
+        if self.body_seen > self.route.limits.max_body_bytes:
+            self.error = ProxyError(
+                413,
+                "payload_too_large",
+                f"request body over {self.route.limits.max_body_bytes} bytes",
+            )
+            if self.up is not None:  # part of it went out: the upstream must not see the rest
+                up, self.up = self.up, None
+                up.exchange = None
+                up.abort()
+            if self.response_started:  # too late for a 413: the client sees a broken response
+                self.response_done = True
+                self.down.abort(self)
+            else:
+                self.fail(self.error)
+            return
+        if self.local is not None:
+            if self.body_seen > LOCAL_BODY_LIMIT:
+                self.fail(ProxyError(413, "payload_too_large", "request body too large"))
+            elif self.body_buffer is not None:
+                self.body_buffer.append(data)
+            return
+        if self.up is not None:
+            self.up.write(chunk(data) if self.up_chunked else data)
+            self.up.deadline = self.down.clock.seconds() + self.route.timeouts.response
+        elif self.body_buffer is not None:
+            self.body_buffer.append(data)
+            if self.body_seen > _BUFFER_HIGH:  # all of it is buffered until attached
+                self.down.pause("waiting-upstream")
+
+    def request_complete(self) -> None:
+        self.request_done = True
+        self.down.deadline = 0.0
+        if self.local is not None and not self.response_done:
+            self._answer_locally()
+            return
+        if self.up is not None:
+            if self.up_chunked:
+                self.up.write(LAST_CHUNK)
+            self.up.deadline = self.down.clock.seconds() + self.route.timeouts.response
+        if self.response_done:
+            self.down.exchange_finished(self)
+
+    def _answer_locally(self) -> None:
+        assert self.local is not None
+        status, headers, body = self.local(self.head, b"".join(self.body_buffer or ()))
+        self.body_buffer = None
+        self.status = status
+        self.response_done = True
+        down = self.down
+        down.write(response(status, headers, body, keep_alive=down.keep_alive))
+        self.bytes_out = len(body)
+        down.exchange_finished(self)
+
+    # ---- response side (called by UpstreamConnection)
+    def response_head(self, up: UpstreamConnection) -> None:
+        self.response_started = True
+        self.status = status = up.status
+        down = self.down
+        drop = HOP_BY_HOP | up.listed if up.listed else HOP_BY_HOP
+        no_body = self.head.method == b"HEAD" or status in _NO_BODY_STATUS
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, up.reason or b"")]
+        length: bytes | None = None
+        chunked_in = False
+        for lname, name, value in up.headers:
+            if lname == b"content-length":
+                length = value
+            elif lname == b"transfer-encoding":
+                chunked_in = True
+            elif lname not in drop and not lname.startswith(b"proxy-"):
+                parts += (name, b": ", value, b"\r\n")
+        if no_body:
+            if length is not None:
+                parts += (b"Content-Length: ", length, b"\r\n")
+        elif length is not None and not chunked_in:
+            parts += (b"Content-Length: ", length, b"\r\n")
+        elif down.version_11:
+            self.out_chunked = True
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            down.keep_alive = False  # HTTP/1.0 client: the end of the body is the close
+        if not chunked_in and length is None and not no_body:
+            self.close_delimited = True
+        if not down.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        down.write(b"".join(parts))
+        up.deadline = down.clock.seconds() + self.route.timeouts.response
+        if no_body and self.head.method == b"HEAD":
+            up.reset_parser()
+            self.response_complete()
+
+    def response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.down.write(chunk(data) if self.out_chunked else data)
+        if self.up is not None:
+            self.up.deadline = self.down.clock.seconds() + self.route.timeouts.response
+
+    def response_complete(self) -> None:
+        if self.out_chunked:
+            self.down.write(LAST_CHUNK)
+        self.response_done = True
+        up, self.up = self.up, None
+        if up is not None:
+            up.deadline = 0.0
+            reusable = self.request_done and not self.close_delimited and up.keep_alive
+            self.route.pool.release(up, reusable)
+        if not self.request_done:
+            self.down.keep_alive = False  # the rest of the request body is not read
+        self.down.exchange_finished(self)
+
+    def upstream_lost(self, reason: Failure) -> None:
+        self.up = None
+        if self.response_started and self.close_delimited and reason.check(error.ConnectionDone):
+            self.response_complete()
+            return
+        if self.response_started:
+            self.route.log.warn(
+                "{route}: upstream {address} closed mid-response: {why}",
+                route=self.route.name,
+                address=self.up_address,
+                why=reason.getErrorMessage(),
+            )
+            self.response_done = True
+            self.down.abort(self)
+            return
+        self.fail(
+            ProxyError(
+                502,
+                "upstream_closed",
+                "the upstream closed the connection before answering; "
+                "the request was not retried (it may have been received)",
+            )
+        )
+
+    def upstream_failed(self, err: ProxyError) -> None:
+        self.up = None
+        if self.response_started:
+            self.response_done = True
+            self.down.abort(self)
+        else:
+            self.fail(err)
+
+    def upstream_full(self, full: bool) -> None:
+        """The upstream's write buffer is over (or back under) its mark: stop reading the body."""
+        if full:
+            self.down.pause("upstream-full")
+        else:
+            self.down.resume("upstream-full")
+
+    def upstream_timeout(self) -> None:
+        up, self.up = self.up, None
+        if up is not None:
+            up.exchange = None
+            up.abort()
+        if self.response_started:
+            self.response_done = True
+            self.down.abort(self)
+        else:
+            self.fail(
+                ProxyError(
+                    504,
+                    "upstream_timeout",
+                    f"no response from the upstream within {self.route.timeouts.response:g}s",
+                )
+            )
+
+    # ---- errors answered by us
+    def fail(self, err: ProxyError) -> None:
+        if self.response_done:
+            return
+        if self.waiting is not None:
+            w, self.waiting = self.waiting, None
+            w.cancel()
+        self.error = err
+        self.status = err.status
+        self.response_done = True
+        down = self.down
+        if not self.request_done or err.status in (400, 408, 431):
+            down.keep_alive = False  # framing unknown or body unread: close after this
+        extra = self.route.error_headers(err)
+        body = error_response(err, self.route.name, keep_alive=down.keep_alive, extra=extra)
+        down.write(body)
+        self.bytes_out = len(body)
+        self.route.rejected(self, err)
+        if self.request_done or not down.keep_alive:
+            down.exchange_finished(self)
+
+    def abandon(self) -> None:
+        """The downstream is gone: stop everything this exchange holds."""
+        if self.waiting is not None:
+            w, self.waiting = self.waiting, None
+            w.cancel()
+        up, self.up = self.up, None
+        if up is not None:
+            up.exchange = None
+            up.abort()
+
+
+class _PausedTransport:
+    """Registered on the downstream transport: its write buffer full -> stop reading upstream."""
+
+    def __init__(self, down: Downstream) -> None:
+        self.down = down
+
+    def pauseProducing(self) -> None:
+        self.down.write_paused = True
+        ex = self.down.exchange
+        if ex is not None and ex.up is not None:
+            ex.up.pause("client-full")
+
+    def resumeProducing(self) -> None:
+        down = self.down
+        down.write_paused = False
+        if down.closing:
+            down.close_now()
+            return
+        ex = down.exchange
+        if ex is not None and ex.up is not None:
+            ex.up.resume("client-full")
+        elif ex is None and down.queue:  # answers held back while the client did not read
+            down.next_exchange()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IHandshakeListener)
+class Downstream(Protocol):
+    """A connection from a client (the app for egress, the partner for ingress).
+
+    Every state has a deadline (route.sweep enforces it): TLS handshake, request head, request
+    body (an allowance plus a minimum rate), keep-alive idle, a client that does not read what
+    we owe it, and the grace after our close. Nothing a peer does keeps a connection for ever.
+    """
+
+    transport: Any  # TCP, or TLS (ITLSTransport) for ingress
+
+    def __init__(self, route: Any) -> None:
+        self.route = route
+        self.clock = route.clock
+        self.parser = httptools.HttpRequestParser(self)
+        self.exchange: Exchange | None = None
+        self.current: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.keep_alive = True
+        self.version_11 = True
+        self.gone = False
+        self.closing = False
+        self.producing = False  # our producer is registered on the transport
+        self.refusing = False  # input past a fatal error is not parsed into requests
+        self.handshake_done = True
+        self.handshake_timed_out = False
+        self.paused: set[str] = set()
+        self.write_paused = False
+        self.deadline = 0.0
+        self.in_head = False
+        self.head_bytes = 0
+        self.url = b""
+        self.headers: list[Header] = []
+        self.header_bytes = 0
+        self.header_error: ProxyError | None = None
+        self.peer: Any = None  # set by the route: e.g. the verified client certificate
+        self.corked: list[bytes] | None = None
+        self.raw: Any = None  # the TCP descriptor, for send_now()
+        self.peer_host = ""
+
+    def connectionMade(self) -> None:
+        self.raw = socket_of(self.transport)
+        peer = self.transport.getPeer()
+        self.peer_host = getattr(peer, "host", "") or "unix"
+        timeouts = self.route.timeouts
+        if ISSLTransport.providedBy(self.transport):
+            self.handshake_done = False
+            self.deadline = self.clock.seconds() + timeouts.handshake
+        else:
+            self.deadline = self.clock.seconds() + timeouts.header
+        if self.route.connection_opened(self):
+            self.transport.registerProducer(_PausedTransport(self), True)
+            self.producing = True
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        if not self.closing and self.exchange is None:
+            self.deadline = self.clock.seconds() + self.route.timeouts.header
+        self.route.handshake_completed(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.refusing:
+            return
+        if self.in_head or self.exchange is None:
+            self.head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # CONNECT (answered 405) or an Upgrade request (forwarded without its Upgrade
+            # header): the parser cannot go on, so this connection ends after that exchange.
+            self.refusing = True
+            self.pause("upgrade")
+            if not self.queue:
+                self.keep_alive = False
+                if self.exchange is None:
+                    self.close()
+            return
+        except httptools.HttpParserError as e:
+            self._bad(ProxyError(400, "bad_request", f"malformed HTTP request: {e}"))
+            return
+        if self.in_head and self.head_bytes > self.route.limits.max_header_bytes:
+            self._bad(
+                ProxyError(
+                    431,
+                    "headers_too_large",
+                    f"request head over {self.route.limits.max_header_bytes} bytes",
+                )
+            )
+            return
+        ex = self.exchange
+        if ex is not None and ex.up is not None:
+            send_now(ex.up.raw)
+
+    def _bad(self, err: ProxyError) -> None:
+        """Unparseable input: answer it after what is queued, then close; nothing more is read."""
+        self.refusing = True
+        self.pause("bad")
+        ex = self.current if self.current is not None and not self.current.response_done else None
+        if ex is None or ex is not self.exchange:
+            ex = Exchange(self, RequestHead(b"-", b"-", b"1.1", [], None, False, False), err)
+            if self.exchange is None and not self.queue:
+                self.exchange = ex
+            else:
+                ex.request_done = True
+                self.queue.append(ex)
+                return
+        self.keep_alive = False
+        if ex.up is not None or ex.waiting is not None:
+            ex.abandon()
+        if ex.response_started:
+            self.abort(ex)
+        else:
+            ex.request_done = True
+            ex.fail(err)
+
+    # ---- httptools callbacks
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
+        self.header_error = None
+        if self.exchange is None:
+            self.deadline = self.clock.seconds() + self.route.timeouts.header
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if len(self.headers) >= self.route.limits.max_headers:
+            self.header_error = ProxyError(
+                431, "headers_too_large", f"more than {self.route.limits.max_headers} header fields"
+            )
+        else:
+            self.headers.append((name.lower(), name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        if self.refusing:
+            return
+        limit = self.route.limits.max_header_bytes
+        if self.header_error is None and self.header_bytes + len(self.url) > limit:
+            self.header_error = ProxyError(
+                431, "headers_too_large", f"request head over {limit} bytes"
+            )
+        parser = self.parser
+        version = parser.get_http_version()
+        content_length: int | None = None
+        chunked = False
+        listed: frozenset[bytes] = frozenset()
+        te: bytes | None = None
+        expect = False
+        for lname, _name, value in self.headers:
+            if lname == b"content-length":
+                content_length = int(value)
+            elif lname == b"transfer-encoding":
+                chunked = True
+                te = value
+            elif lname == b"connection":
+                listed |= tokens_of(value)
+            elif lname == b"expect":
+                expect = True
+        keep_alive = parser.should_keep_alive()
+        head = RequestHead(
+            parser.get_method(),
+            self.url,
+            b"1.1" if version == "1.1" else b"1.0",
+            self.headers,
+            content_length,
+            chunked,
+            keep_alive,
+            listed,
+            te,
+            expect,
+        )
+        err = self.header_error
+        queued = len(self.queue) + (self.exchange is not None)
+        if err is None and queued > self.route.limits.max_pipelined:
+            # A client that sends requests faster than it reads answers: refuse the rest.
+            self.refusing = True
+            self.pause("bad")
+            err = ProxyError(
+                503,
+                "too_many_pipelined",
+                f"more than {self.route.limits.max_pipelined} pipelined requests queued",
+            )
+        ex = Exchange(self, head, err)
+        if (head.content_length is None and not chunked) or self.refusing:
+            ex.request_done = True
+        self.current = ex
+        if self.exchange is None and not self.queue and not self.write_paused:
+            self._begin(ex)
+        else:
+            self.queue.append(ex)
+            self.pause("pipelined")
+            if self.exchange is None:  # held back until the client reads what it was sent
+                self.deadline = self.clock.seconds() + self.route.timeouts.send
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.current
+        if ex is not None and not self.refusing:
+            if ex is self.exchange or ex.body_buffer is None:
+                ex.request_body(data)
+            else:
+                ex.body_buffer.append(data)
+
+    def on_message_complete(self) -> None:
+        ex = self.current
+        if ex is not None and not ex.request_done:
+            if ex is self.exchange:
+                ex.request_complete()
+            else:
+                ex.request_done = True
+
+    # ---- exchange lifecycle
+    def _begin(self, ex: Exchange) -> None:
+        self.exchange = ex
+        timeouts = self.route.timeouts
+        # a body still to come must arrive within its allowance plus 1 s per min_body_rate
+        self.deadline = 0.0 if ex.request_done else self.clock.seconds() + timeouts.body
+        self.keep_alive = ex.head.keep_alive and self.keep_alive and not self.route.draining
+        if self.refusing and not self.queue:  # the last answer on this connection
+            self.keep_alive = False
+        self.version_11 = ex.head.version == b"1.1"
+        ex.start()
+
+    def next_exchange(self) -> None:
+        nxt = self.queue.popleft()
+        if not self.queue:
+            self.resume("pipelined")
+        self._begin(nxt)
+
+    def exchange_finished(self, ex: Exchange) -> None:
+        if ex is not self.exchange:
+            return
+        self.exchange = None
+        self.route.finished(ex, self)
+        if self.gone or self.closing:
+            return
+        if not self.keep_alive or self.route.draining or (self.refusing and not self.queue):
+            self.close()
+            return
+        if self.queue:
+            if self.write_paused:  # the client is not reading: answer the next when it does
+                self.deadline = self.clock.seconds() + self.route.timeouts.send
+            else:
+                self.next_exchange()
+            return
+        self.deadline = self.clock.seconds() + self.route.timeouts.idle
+
+    def abort(self, ex: Exchange) -> None:
+        """The response cannot be completed: the client must see a broken connection."""
+        if self.exchange is ex:
+            self.exchange = None
+            self.route.finished(ex, self)
+        self.keep_alive = False
+        self.transport.abortConnection()
+
+    def timed_out(self, now: float) -> None:
+        self.deadline = 0.0
+        if self.closing or not self.handshake_done:
+            # our close was not completed by the peer in time, or the TLS handshake stalled
+            self.handshake_timed_out = not self.handshake_done and not self.closing
+            self.transport.abortConnection()
+            return
+        ex = self.exchange
+        if ex is not None:
+            if ex.request_done or ex.response_done:
+                return
+            if self.paused - {"pipelined"}:  # we are not reading: the client is not to blame
+                self.deadline = now + self.route.timeouts.body
+                return
+            rate = self.route.limits.min_body_rate
+            err = ProxyError(
+                408,
+                "request_timeout",
+                f"request body slower than {rate} bytes/s after "
+                f"{self.route.timeouts.body:g}s ({ex.body_seen} bytes received)",
+            )
+            if ex.response_started:
+                ex.response_done = True
+                self.abort(ex)
+            else:
+                ex.abandon()
+                ex.fail(err)
+            return
+        if self.queue:  # answers held back for a client that stopped reading
+            self.transport.abortConnection()
+            return
+        if self.in_head:
+            ex = Exchange(self, RequestHead(b"-", b"-", b"1.1", [], None, False, False), None)
+            self.exchange = ex
+            ex.request_done = True
+            self.refusing = True
+            ex.fail(
+                ProxyError(
+                    408,
+                    "request_timeout",
+                    f"request head not received within {self.route.timeouts.header:g}s",
+                )
+            )
+        else:
+            self.close()
+
+    def drain(self) -> None:
+        """Stop after the exchange in flight; close now if idle."""
+        self.keep_alive = False
+        if self.exchange is None and not self.in_head and not self.queue:
+            self.close()
+
+    # ---- transport helpers
+    def write(self, data: bytes) -> None:
+        if self.gone:
+            return
+        if self.corked is not None:
+            self.corked.append(data)
+        else:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes until uncork(): one TLS record (one send) for head and body."""
+        if self.corked is None:
+            self.corked = []
+
+    def uncork(self) -> None:
+        out, self.corked = self.corked, None
+        if out and not self.gone:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def close(self) -> None:
+        """Close after what is written reaches the client, within bounded time whatever the
+        client does: a client that reads nothing is cut after send_timeout, one that does not
+        answer our close after close_grace."""
+        self.uncork()
+        if self.closing or self.gone:
+            return
+        self.closing = True
+        self.keep_alive = False
+        self.pause("closing")
+        if not self.handshake_done:  # nothing of ours can reach a peer without a session
+            self.transport.abortConnection()
+        elif self.write_paused:
+            self.deadline = self.clock.seconds() + self.route.timeouts.send
+        else:
+            self.close_now()
+
+    def close_now(self) -> None:
+        """Send what is queued and our close (close_notify under TLS), then close TCP without
+        waiting for the peer's close_notify: a silent peer must not hold the connection. The
+        producer is unregistered first: Twisted's TLS postpones its shutdown until it is."""
+        if self.gone:
+            return
+        if self.producing:
+            self.producing = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        if self.raw is not None and self.raw is not self.transport:
+            self.raw.loseConnection()
+        self.deadline = self.clock.seconds() + self.route.timeouts.close_grace
+
+    def pause(self, reason: str) -> None:
+        if not self.paused and not self.gone:
+            self.transport.pauseProducing()
+        self.paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.paused:
+            self.paused.discard(reason)
+            if not self.paused and not self.gone:
+                self.transport.resumeProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.gone = True
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
+            ex.abandon()
+            if not ex.response_done:
+                ex.status = 499  # the client went away before the response was complete
+                self.route.finished(ex, self)
+        for queued in self.queue:
+            queued.abandon()
+        self.queue.clear()
+        self.route.connection_closed(self, reason)
+
+
+class DownstreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, route: Any) -> None:
+        self.route = route
+
+    def buildProtocol(self, addr: Any) -> Downstream:
+        return Downstream(self.route)
