@@ -541,8 +541,10 @@ class Downstream(Protocol):
         self.headers = []
         self.header_bytes = 0
         self.header_error = None
-        if self.exchange is None:
-            self.deadline = self.clock.seconds() + self.route.timeouts.header
+        if self.exchange is None and not self.queue:
+            # a total for the head: a running header deadline is never pushed back
+            limit = self.clock.seconds() + self.route.timeouts.header
+            self.deadline = min(self.deadline, limit) if self.deadline else limit
 
     def on_url(self, url: bytes) -> None:
         self.url += url

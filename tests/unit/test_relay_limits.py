@@ -243,3 +243,12 @@ def test_an_upstream_connection_whose_client_left_is_closed_when_the_pool_is_ful
     pool, reactor = _pool(max_idle=0)
     conn = _dial_and_cancel(pool, reactor)
     assert pool.idle == [] and conn.transport.disconnecting
+
+
+def test_header_timeout_is_a_total_from_the_connection_not_renewed_by_the_first_byte() -> None:
+    rig = make_rig()
+    header = rig.route.timeouts.header
+    rig.advance(header - 1)
+    rig.send(b"GET / HTTP/1.1\r\n")  # the first byte, late
+    rig.advance(1.3)
+    proxy_error(rig, 408, "request_timeout")
