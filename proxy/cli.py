@@ -7,6 +7,31 @@ import gc
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
+
+ERROR_PREFIX = "mtls-sidecar: error:"  # every failure the CLI itself prints starts with it
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the product's one error prefix, after the usage line of the (sub)command
+    that was mistyped; exit status 2 as argparse's own."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{ERROR_PREFIX} {message}\n")
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser. argparse hands a subcommand's unknown arguments up to the
+    top-level parser, whose usage line says nothing about the subcommand: refuse them here."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -22,6 +47,13 @@ def _run(args: argparse.Namespace) -> int:
         config = cfg.load(args.config)
     except cfg.ConfigError as e:
         for f in e.findings:
+            print(f"mtls-sidecar: {f}", file=sys.stderr)
+        return 2
+    from proxy.ops import audit
+
+    problems = audit.errors(config)  # what `check` calls an error stops `run` too
+    if problems:
+        for f in problems:
             print(f"mtls-sidecar: {f}", file=sys.stderr)
         return 2
     environ = dict(os.environ)
@@ -100,25 +132,68 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+_CHECK_EXIT_CODES = """\
+exit status:
+  0  fine, or warnings only
+  1  at least one error
+  2  usage error (bad arguments)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from proxy import __version__
+
+    parser = _Parser(
         prog="mtls-sidecar",
         description="Mutual-TLS sidecar: plain HTTP on localhost <-> mutual TLS to a partner.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run every route of the config in the foreground")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
+    run = sub.add_parser(
+        "run",
+        help="run every route of the config in the foreground",
+        description="Run every route of the config (egress, ingress and the admin listener) in"
+        " the foreground; logs go to stdout. Exits non-zero with a one-line reason when the"
+        " config or its key material is bad.",
+    )
     run.add_argument("-c", "--config", required=True, help="TOML config file")
     run.set_defaults(func=_run)
-    check = sub.add_parser("check", help="validate a config and its key material")
+    check = sub.add_parser(
+        "check",
+        help="validate a config and its key material",
+        # raw text (for the exit status table): the description carries its own line breaks
+        description="Validate a config and its key material without serving: syntax, types,\n"
+        "unknown keys, readable files, key matches certificate, chain order, key policy,\n"
+        "days to expiry. One line per finding.",
+        epilog=_CHECK_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     check.add_argument("-c", "--config", required=True, help="TOML config file")
     check.add_argument("--json", action="store_true", help="findings as JSON (for monitoring)")
     check.set_defaults(func=_check)
-    probe = sub.add_parser("probe", help="dial an egress route's upstream as `run` would")
+    probe = sub.add_parser(
+        "probe",
+        help="dial each route as its peer would and say what happened",
+        description="Egress routes: dial the upstream as `run` would (DNS answers, TCP, TLS"
+        " version, cipher, ALPN, the peer chain and its verification, our client certificate,"
+        " an OAuth token fetch). Ingress routes: dial our own listener as the partner would"
+        " (the chain we serve and whether it builds to a Mozilla root, TLS version, cipher,"
+        " ALPN, the CA names we ask clients for). Exit 0 when every probed route is fine.",
+    )
     probe.add_argument("-c", "--config", required=True, help="TOML config file")
-    probe.add_argument("route", nargs="?", help="egress route name (default: every egress route)")
+    probe.add_argument("route", nargs="?", help="route name (default: every route)")
     probe.add_argument("--json", action="store_true", help="results as JSON")
     probe.set_defaults(func=_probe)
-    demo = sub.add_parser("demo", help="both directions on loopback with a throwaway PKI")
+    demo = sub.add_parser(
+        "demo",
+        help="both directions on loopback with a throwaway PKI",
+        description="The sidecar in both directions on loopback: a throwaway PKI, a local"
+        " stand-in for D1 (mutual-TLS origin and OAuth token endpoint), a stand-in internal"
+        " app, sample calls both ways and a readable trace. Nothing is written outside a"
+        " temporary folder and nothing leaves loopback.",
+    )
     demo.set_defaults(func=_demo)
     from proxy.commands import csr as csrcmd
 

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from proxy import config as cfg
+from proxy.ops import audit
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
@@ -240,6 +241,12 @@ class Sidecar:
             self.notifier.reloading()
         self._signature = self._current_signature()
         try:
+            problems = audit.errors(self.config)  # what `check` calls an error is not swapped in
+            if problems:
+                raise tls.MaterialError(
+                    f"{problems[0].key}: {problems[0].message}"
+                    + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                )
             built: list[tuple[RouteState, Any]] = []
             upstream_tls: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = []
             for state in self.routes:

@@ -72,11 +72,33 @@ def read_chain(path: Path, what: str) -> list[x509.Certificate]:
         data = path.read_bytes()
     except OSError as e:
         raise MaterialError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+    if b"-----BEGIN" not in data and _is_der(data, x509.load_der_x509_certificate):
+        raise MaterialError(
+            f"{what} {path}: is a DER (binary) certificate; PEM is expected: convert it with "
+            f"`openssl x509 -inform der -in {path} -out {path}.pem`"
+        )
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as e:
-        raise MaterialError(f"{what} {path}: not a PEM certificate: {e}") from None
+    except ValueError:
+        raise MaterialError(
+            f"{what} {path}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"
+        ) from None
     return certs
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _is_der(data: bytes, loader: Any) -> bool:
+    try:
+        loader(data)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def read_key(path: Path, what: str) -> Any:
@@ -84,10 +106,22 @@ def read_key(path: Path, what: str) -> Any:
         data = path.read_bytes()
     except OSError as e:
         raise MaterialError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+    if b"-----BEGIN" not in data and _is_der(
+        data, lambda d: serialization.load_der_private_key(d, password=None)
+    ):
+        raise MaterialError(
+            f"{what} {path}: is a DER (binary) private key; PEM is expected: convert it with "
+            f"`openssl pkey -inform der -in {path} -out {path}.pem`"
+        )
     try:
         return serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as e:
-        raise MaterialError(f"{what} {path}: not an unencrypted PEM private key: {e}") from None
+    except TypeError:
+        raise MaterialError(f"{what} {path}: is encrypted; an unencrypted key is needed") from None
+    except ValueError:
+        raise MaterialError(
+            f"{what} {path}: no unencrypted PEM private key in it "
+            "(expected -----BEGIN PRIVATE KEY----- or -----BEGIN EC/RSA PRIVATE KEY-----)"
+        ) from None
 
 
 def load_key_pair(
@@ -96,6 +130,13 @@ def load_key_pair(
     chain = read_chain(cert_path, cert_what)
     key = read_key(key_path, key_what)
     if not pki.key_matches_cert(key, chain[0]):
+        matching = [i for i, c in enumerate(chain[1:], 2) if pki.key_matches_cert(key, c)]
+        if matching:
+            raise MaterialError(
+                f"{cert_what} {cert_path}: chain order: the certificate matching {key_path} is "
+                f"number {matching[0]} of {len(chain)}; the leaf must come first, then each "
+                "issuer in turn"
+            )
         raise MaterialError(f"{key_what} {key_path}: does not match the certificate in {cert_path}")
     problem = pki.key_policy_problem(key.public_key(), profile)
     if problem:
@@ -200,6 +241,13 @@ def server_context(
     pair: KeyPair, client_ca: Path, profile: str, session_id: bytes
 ) -> tuple[SSL.Context, list[x509.Certificate]]:
     cas = read_chain(client_ca, "client_ca")
+    for ca in cas:
+        if not _is_ca(ca):
+            raise MaterialError(
+                f"client_ca {client_ca}: {ca.subject.rfc4514_string()} is not a CA certificate "
+                "(no basicConstraints CA:TRUE): give the CA that issues the partner's "
+                "certificates, never a leaf"
+            )
     ctx = _base_context(SSL.TLS_SERVER_METHOD, profile)
     _use_pair(ctx, pair)
     store = ctx.get_cert_store()
@@ -288,8 +336,10 @@ def build_client_material(route: cfg.EgressRoute) -> ClientMaterial:
 
 
 def build_server_material(route: cfg.IngressRoute) -> ServerMaterial:
+    # D1's RSA-4096/P-256 rule is for our client certificate; the server certificate D1 sees
+    # comes from a public CA, so the generic policy applies to it.
     pair = load_key_pair(
-        route.server_cert, route.server_key, route.profile,
+        route.server_cert, route.server_key, "generic",
         cert_what="server_cert", key_what="server_key",
     )  # fmt: skip
     ctx, cas = server_context(

@@ -66,6 +66,8 @@ def _material_for(example: Path, folder: Path, creds: Path) -> dict[str, Any]:
         path = _target(folder, creds, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+    for key in (egress["client_key"], egress["oauth"]["signing_key"], ingress["server_key"]):
+        _target(folder, creds, key).chmod(0o600)
     write_ca(thales, _target(folder, creds, ingress["client_ca"]))
     return doc
 
@@ -88,6 +90,8 @@ def test_example_passes_check_with_matching_material(name: str, tmp_path: Path) 
     creds.mkdir()
     config = folder / "config.toml"
     shutil.copy(CONF / name, config)
+    text = config.read_text()
+    config.write_text(text.replace('key_id = "CHANGE-ME-', 'key_id = "registered-'))
     doc = _material_for(config, folder, creds)
 
     env, upstream, listen = EXAMPLES[name]
@@ -120,3 +124,18 @@ def test_example_without_credentials_directory_names_the_variable(tmp_path: Path
     assert code == 1
     messages = [f["message"] for f in report["findings"] if f["level"] == "error"]
     assert any("$CREDENTIALS_DIRECTORY, which is not set" in m for m in messages), messages
+
+
+def test_example_with_its_placeholder_left_in_fails_check_naming_the_key(tmp_path: Path) -> None:
+    folder, creds = tmp_path / "etc", tmp_path / "credentials"
+    folder.mkdir()
+    creds.mkdir()
+    config = folder / "config.toml"
+    shutil.copy(CONF / "d1-preprod.toml", config)
+    _material_for(config, folder, creds)
+    code, report = _check(config, {**os.environ, "CREDENTIALS_DIRECTORY": str(creds)})
+    errors = [(f["key"], f["message"]) for f in report["findings"] if f["level"] == "error"]
+    assert code == 1
+    assert errors == [
+        ("egress[0].oauth.key_id", "'CHANGE-ME-ppr-kid' is a placeholder: put the real value here")
+    ]

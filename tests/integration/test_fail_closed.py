@@ -1,0 +1,192 @@
+"""`run` and every reload refuse what `check` calls an error: the sidecar never starts on, or
+swaps in, key material the partner would refuse later with a confusing error."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+
+from tests.harness import SIDECAR, Sidecar, curl, free_port, write_config
+from tests.pkifactory import DAY, NOW, Issued, make_ca, write_ca
+
+pytestmark = pytest.mark.integration
+
+PPR_CN = "C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR"
+
+
+@attrs.frozen
+class Pki:
+    server_ca: Issued
+    client_ca: Issued
+    intermediate: Issued
+    other_intermediate: Issued
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    server_ca = make_ca("C=FR,O=Merchant PKI,CN=Merchant Root")
+    thales = make_ca("C=FR,O=Thales-like,CN=Thales Root")
+    intermediate = thales.issue("C=FR,O=Thales-like,CN=Thales Issuing 01", ca=True)
+    other = thales.issue("C=FR,O=Thales-like,CN=Thales Issuing 02", ca=True)
+    return Pki(server_ca, thales, intermediate, other)
+
+
+def good(d: Path, pki: Pki) -> None:
+    """Material `check` accepts: a D1 PPR client certificate and a localhost server one."""
+    pki.intermediate.issue(PPR_CN, client=True).write(d, "client")
+    pki.server_ca.issue("CN=localhost", dns=("localhost",), server=True).write(d, "server")
+    write_ca(pki.server_ca, d / "server-ca.pem")
+    write_ca(pki.client_ca, d / "client-ca.pem")
+
+
+def _client(subject: str, **kw: object) -> Callable[[Path, Pki], None]:
+    def write(d: Path, pki: Pki) -> None:
+        pki.intermediate.issue(subject, client=True, **kw).write(d, "client")  # type: ignore[arg-type]
+
+    return write
+
+
+def _wrong_intermediate(d: Path, pki: Pki) -> None:
+    leaf = pki.intermediate.issue(PPR_CN, client=True)
+    pem = leaf.cert_pem() + pki.other_intermediate.cert_pem()
+    (d / "client.pem").write_bytes(pem)
+    (d / "client.key").write_bytes(leaf.key_pem())
+
+
+def _server(**kw: object) -> Callable[[Path, Pki], None]:
+    def write(d: Path, pki: Pki) -> None:
+        kw.setdefault("dns", ("localhost",))
+        pki.server_ca.issue("CN=localhost", server=True, **kw).write(d, "server")  # type: ignore[arg-type]
+
+    return write
+
+
+CASES: dict[str, tuple[Callable[[Path, Pki], None], str]] = {
+    "client_expired": (
+        _client(PPR_CN, not_before=NOW - 30 * DAY, not_after=NOW - DAY),
+        r"client certificate .* expired 1 days ago",
+    ),
+    "client_not_yet_valid": (
+        _client(PPR_CN, not_before=NOW + DAY, not_after=NOW + 30 * DAY),
+        r"client certificate .* is not valid yet",
+    ),
+    "server_expired": (
+        _server(not_before=NOW - 30 * DAY, not_after=NOW - DAY),
+        r"server certificate .* expired 1 days ago",
+    ),
+    "client_cn_not_d1": (
+        _client("C=FR,O=Merchant,CN=merchant-gateway"),
+        r"CN 'merchant-gateway' does not match D1's pattern",
+    ),
+    "prd_route_with_ppr_cert": (
+        _client("C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PRD"),
+        r"is for D1\.PRD but the route expects PPR",
+    ),
+    "wrong_intermediate": (_wrong_intermediate, r"chain order"),
+    "server_san_misses_server_name": (
+        _server(dns=("elsewhere.example",)),
+        r"subjectAltName does not cover server_name 'localhost'",
+    ),
+}
+
+
+def config(d: Path) -> tuple[Path, int, int]:
+    ingress, admin = free_port(), free_port()
+    conf = write_config(
+        d / "c.toml",
+        f"""
+        [log]
+        format = "json"
+        [service]
+        reload_interval = 0
+        [admin]
+        listen = "127.0.0.1:{admin}"
+        [[egress]]
+        name = "d1"
+        env = "PPR"
+        listen = "127.0.0.1:{free_port()}"
+        upstream = "https://localhost:{free_port()}"
+        client_cert = "client.pem"
+        client_key = "client.key"
+        trust = "server-ca.pem"
+        [[ingress]]
+        name = "callbacks"
+        listen = "127.0.0.1:{ingress}"
+        server_name = "localhost"
+        server_cert = "server.pem"
+        server_key = "server.key"
+        client_ca = "client-ca.pem"
+        upstream = "http://127.0.0.1:{free_port()}"
+        """,
+    )
+    return conf, ingress, admin
+
+
+@pytest.fixture
+def folder(tmp_path: Path, pki: Pki) -> Iterator[Path]:
+    good(tmp_path, pki)
+    yield tmp_path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_run_refuses_to_start_on_what_check_calls_an_error(
+    case: str, folder: Path, pki: Pki
+) -> None:
+    breaks, reason = CASES[case]
+    breaks(folder, pki)
+    conf, _, _ = config(folder)
+    t0 = time.monotonic()
+    out = subprocess.run([SIDECAR, "run", "-c", str(conf)], capture_output=True, text=True,
+                         timeout=30)  # fmt: skip
+    assert out.returncode == 2
+    assert time.monotonic() - t0 < 10
+    lines = out.stderr.splitlines()
+    assert lines and all(line.startswith("mtls-sidecar: error: ") for line in lines), lines
+    assert any(re.search(reason, line) for line in lines), lines
+    check = subprocess.run([SIDECAR, "check", "-c", str(conf)], capture_output=True, text=True,
+                           timeout=30)  # fmt: skip
+    assert check.returncode == 1 and re.search(reason, check.stdout)
+
+
+def _metric(admin: int, name: str, **labels: str) -> float | None:
+    text = curl(f"http://127.0.0.1:{admin}/metrics").body.decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reload_keeps_the_old_material_on_what_check_calls_an_error(
+    case: str, folder: Path, pki: Pki
+) -> None:
+    conf, ingress, admin = config(folder)
+    sidecar = Sidecar(conf).start([("127.0.0.1", ingress), ("127.0.0.1", admin)])
+    try:
+        expiry = _metric(admin, "mtls_sidecar_certificate_expiry_timestamp_seconds",
+                         route="callbacks", role="server")  # fmt: skip
+        breaks, reason = CASES[case]
+        breaks(folder, pki)
+        assert sidecar.proc is not None
+        sidecar.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "reload failed" not in sidecar.log():
+            time.sleep(0.1)
+        failed = _metric(admin, "mtls_sidecar_reloads_total", result="failure")
+        succeeded = _metric(admin, "mtls_sidecar_reloads_total", result="success")
+        after = _metric(admin, "mtls_sidecar_certificate_expiry_timestamp_seconds",
+                        route="callbacks", role="server")  # fmt: skip
+        assert sidecar.proc.poll() is None  # still serving
+    finally:
+        sidecar.stop()
+    failures = [line for line in sidecar.log().splitlines() if "reload failed" in line]
+    assert len(failures) == 1 and re.search(reason, failures[0]), failures
+    assert (failed, succeeded) == (1.0, None)
+    assert after == expiry  # the old certificates stay in use
