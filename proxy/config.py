@@ -476,10 +476,12 @@ class _Loader:
         audience = r.get("audience", _str)
         body = r.get("body", _choice("form", "json"), "form") or "form"
         authz = r.get("authorization", _choice("replace", "keep"), "replace") or "replace"
+        for name, value in (("issuer", issuer), ("key_id", kid)):
+            if value == "":
+                r.error(name, "must not be empty")
         r.finish()
-        if None in (token_url, issuer, key, kid):
+        if not (token_url and issuer and key and kid):
             return None
-        assert token_url and issuer and key and kid
         return EgressOAuth(token_url, issuer, key, kid, audience, body, authz)
 
     def ingress(self, table: Mapping[str, Any], index: int) -> IngressRoute | None:

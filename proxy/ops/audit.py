@@ -206,11 +206,11 @@ def _key_file_mode(path: Path, key: str, add: Callable[[str, str, str], None]) -
 
 
 _PLACEHOLDER = re.compile(r"(?i)change[-_ ]?me|replace[-_ ]with|<[a-z][a-z0-9 _-]*>|\bTODO\b")
-_MAY_BE_EMPTY = frozenset({"audience"})
 
 
 def _placeholders(path: Path) -> Iterator[tuple[str, str]]:
-    """String values left as placeholders (CHANGE-ME, REPLACE-WITH-..., "") in the file."""
+    """String values left as placeholders (CHANGE-ME, REPLACE-WITH-...) in the file; empty
+    required values are the config parser's errors."""
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
@@ -223,10 +223,8 @@ def _placeholders(path: Path) -> Iterator[tuple[str, str]]:
         elif isinstance(value, list):
             for i, v in enumerate(value):
                 yield from walk(v, f"{key}[{i}]")
-        elif isinstance(value, str):
-            empty = value.strip() == "" and key.rsplit(".", 1)[-1] not in _MAY_BE_EMPTY
-            if empty or _PLACEHOLDER.search(value):
-                yield key, value
+        elif isinstance(value, str) and _PLACEHOLDER.search(value):
+            yield key, value
 
     yield from walk(data, "")
 
