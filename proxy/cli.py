@@ -35,11 +35,17 @@ class _CommandParser(_Parser):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from proxy.ops.systemd import listen_fds
+
+    # first: importing twisted.internet.endpoints (twisted.web.client does) consumes LISTEN_*
+    environ = dict(os.environ)
+    inherited = listen_fds(os.environ, os.getpid, unset=True)
+
     from twisted.internet import reactor
 
     from proxy import config as cfg
     from proxy.ops.service import Sidecar, install_signal_handlers
-    from proxy.ops.systemd import Notifier, listen_fds
+    from proxy.ops.systemd import Notifier
     from proxy.telemetry.logs import start_logging
     from proxy.tls import contexts as tls
 
@@ -56,8 +62,6 @@ def _run(args: argparse.Namespace) -> int:
         for f in problems:
             print(f"mtls-sidecar: {f}", file=sys.stderr)
         return 2
-    environ = dict(os.environ)
-    inherited = listen_fds(os.environ, os.getpid, unset=True)
     notifier = Notifier(environ)
     sidecar = Sidecar(config, reactor, notifier=notifier)
     try:
@@ -65,7 +69,9 @@ def _run(args: argparse.Namespace) -> int:
     except tls.MaterialError as e:
         print(f"mtls-sidecar: {config.path}: {e}", file=sys.stderr)
         return 2
-    accept_errors = start_logging(config.service.log_format)
+    accept_errors = start_logging(
+        config.service.log_format, level=args.log_level or config.service.log_level
+    )
     accept_errors.on_error = lambda reason: sidecar.metrics.accept_errors.labels(reason).inc()
     sidecar.accept_errors = accept_errors
     raise_fd_limit()
@@ -75,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             sidecar.start(inherited)
         except Exception as e:
-            print(f"mtls-sidecar: cannot listen: {e}", file=sys.stderr)
+            print(f"mtls-sidecar: error: {e}", file=sys.stderr)
             result["code"] = 2
             reactor.stop()  # type: ignore[attr-defined]
             return
@@ -159,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         " config or its key material is bad.",
     )
     run.add_argument("-c", "--config", required=True, help="TOML config file")
+    run.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warn", "error"),
+        help="least severe log level written (default: [log] level, else info)",
+    )
     run.set_defaults(func=_run)
     check = sub.add_parser(
         "check",

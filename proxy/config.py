@@ -137,6 +137,7 @@ class IngressOAuth:
     clients_file: Path
     token_path: str = "/oauth2/token"
     token_lifetime: float = 900.0
+    forward_authorization: bool = False  # pass the validated bearer token on to the app
 
 
 @attrs.frozen
@@ -165,6 +166,9 @@ class AdminConfig:
     listen: Listen
 
 
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
 @attrs.frozen
 class ServiceConfig:
     drain_timeout: float = 20.0
@@ -173,6 +177,7 @@ class ServiceConfig:
     nameservers: tuple[tuple[str, int], ...] = ()  # empty: the system resolver (getaddrinfo)
     log_format: str = "json"
     access_log: bool = True
+    log_level: str = "info"  # debug | info | warn | error
 
 
 @attrs.frozen
@@ -550,16 +555,18 @@ class _Loader:
         if lifetime == 0:
             r.error("token_lifetime", "must be greater than 0")
         lifetime = lifetime or 900.0
+        forward = bool(r.get("forward_authorization", _bool, False))
         r.finish()
-        return IngressOAuth(clients, path, lifetime) if clients else None
+        return IngressOAuth(clients, path, lifetime, forward) if clients else None
 
     def service(self, root: _Reader) -> ServiceConfig:
         d = ServiceConfig()
         log = root.sub("log")
-        fmt, access = d.log_format, d.access_log
+        fmt, access, level = d.log_format, d.access_log, d.log_level
         if log:
             fmt = log.get("format", _choice("json", "text"), fmt) or fmt
             access = bool(log.get("access", _bool, access))
+            level = log.get("level", _choice(*LOG_LEVELS), level) or level
             log.finish()
         svc = root.sub("service")
         drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
@@ -588,6 +595,7 @@ class _Loader:
             nameservers=tuple(servers),
             log_format=fmt,
             access_log=access,
+            log_level=level,
         )
 
 

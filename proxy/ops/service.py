@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -172,7 +173,13 @@ class Sidecar:
             factory: Any = DownstreamFactory(state.route)
             if state.server_tls is not None:
                 factory = tls.tls_factory(state.server_tls, False, factory)
-            state.port = self._listen(state.config.listen, factory, inherited or {})
+            try:
+                state.port = self._listen(state.config.listen, factory, inherited or {})
+            except CannotListenError as e:
+                raise tls.MaterialError(
+                    f"{state.config.direction}[{state.config.name}].listen {state.config.listen}: "
+                    f"cannot listen: {e.socketError or e}"
+                ) from None
             state.route.listener = state.port
             self.log.info(
                 "{route}: {direction} listening on {where} -> {upstream}",
@@ -184,9 +191,18 @@ class Sidecar:
         if self.config.admin is not None:
             from proxy.ops.admin import admin_site
 
-            self.admin_port = self._listen(
-                self.config.admin.listen, admin_site(self, self.metrics.registry), {}
-            )
+            where = self.config.admin.listen
+            try:
+                self.admin_port = self._listen(where, admin_site(self, self.metrics.registry), {})
+            except CannotListenError as e:
+                raise tls.MaterialError(
+                    f"admin.listen {where}: cannot listen: {e.socketError or e}"
+                ) from None
+        # tokens are fetched once every listener is open: a listen failure comes first
+        for state in self.routes:
+            source = getattr(state.route, "token_source", None)
+            if source is not None:
+                source.source.start()
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = self.reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)

@@ -12,6 +12,7 @@ from proxy.config import IngressRoute as IngressConfig
 from proxy.routes.route import Route
 from proxy.tls import identity
 from proxy.wire.http import HOP_BY_HOP, ProxyError, RequestHead
+from proxy.wire.pool import ssl_text
 from proxy.wire.relay import Downstream, Exchange, LocalHandler
 
 PEER_CACHE_SIZE = 256
@@ -47,6 +48,20 @@ def handshake_reason(down: Downstream, reason: Failure) -> str:
     return "handshake_failed"
 
 
+_WORDS = {
+    "no_client_certificate": "the client sent no certificate",
+    "protocol_version": "the client offered no TLS version we accept (1.2 or 1.3)",
+    "no_shared_cipher": "no cipher suite in common with the client",
+}
+
+
+def _in_words(label: str, verify: str | None, reason: Failure) -> str:
+    """A refused handshake as an operator reads it, not a Python repr."""
+    if verify:
+        return f"client certificate refused: {verify}"
+    return _WORDS.get(label) or ssl_text(reason)
+
+
 class Ingress(Route):
     direction = "ingress"
 
@@ -56,6 +71,10 @@ class Ingress(Route):
         self.base_path = config.upstream.base_path.encode()
         self.token_endpoint = token_endpoint
         self.peers: dict[bytes, Peer] = {}  # leaf SHA-256 -> Peer; cleared on reload
+        # a bearer token we validated is ours, not the app's, unless the operator says so
+        oauth = config.oauth
+        forward = oauth is None or oauth.forward_authorization
+        self.drop = DROP if forward else DROP | {b"authorization"}
 
     def handshake_completed(self, down: Downstream) -> None:
         conn = down.transport.getHandle()
@@ -95,7 +114,7 @@ class Ingress(Route):
                 )
             else:
                 label = handshake_reason(down, reason)
-                detail = getattr(down, "verify_error", None) or reason.getErrorMessage()
+                detail = _in_words(label, getattr(down, "verify_error", None), reason)
             if label != "handshake_failed" or "SSL" in repr(reason.value):
                 self.metrics.handshake_errors.labels(self.name, label).inc()
                 self.peer_log.info(
@@ -140,16 +159,21 @@ class Ingress(Route):
             raise ProxyError(400, "bad_request", "request target must be origin-form (/path)")
         if self.token_endpoint is not None:
             self.token_endpoint.check(head)
-        drop = DROP | head.listed if head.listed else DROP
+        drop = self.drop | head.listed if head.listed else self.drop
         out: list[tuple[bytes, bytes]] = []
-        has_host = False
+        hosts = 0
         for lname, name, value in head.headers:
+            if lname == b"host":
+                hosts += 1
             if lname in drop or lname.startswith(b"proxy-") or identity.is_identity_header(lname):
                 continue
-            if lname == b"host":
-                has_host = True
             out.append((name, value))
-        if not has_host:
+        # RFC 9112 3.2: exactly one Host in HTTP/1.1; two could route one way and log another
+        if hosts > 1:
+            raise ProxyError(400, "bad_request", "more than one Host header")
+        if hosts == 0:
+            if head.version == b"1.1":
+                raise ProxyError(400, "bad_request", "HTTP/1.1 request without a Host header")
             out.append((b"Host", self.config.upstream.authority.encode("idna")))
         out.extend(peer.headers)
         out.append((b"X-Forwarded-For", down.peer_host.encode()))

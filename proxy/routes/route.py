@@ -141,12 +141,19 @@ class Route:
         self.stats.record(status, now - ex.started)
         if self.access_log.enabled:
             head = ex.head
+            method = head.method.decode("latin-1")
+            path = head.target.split(b"?", 1)[0].decode("latin-1")
             record = {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+                + f".{int(now * 1000) % 1000:03d}Z",
+                "level": "info",
+                "logger": "access",
+                "msg": f"{method} {path} {status}",
+                "kind": "access",
                 "route": self.name,
                 "direction": self.direction,
-                "method": head.method.decode("latin-1"),
-                "path": head.target.split(b"?", 1)[0].decode("latin-1"),
+                "method": method,
+                "path": path,
                 "status": status,
                 "bytes": ex.bytes_out,
                 "duration_ms": round((now - ex.started) * 1000, 3),

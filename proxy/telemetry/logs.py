@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import sys
 from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     globalLogBeginner,
 )
@@ -22,7 +25,29 @@ from zope.interface import implementer
 
 
 def _iso(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
+    """RFC 3339 in UTC with a Z, to the millisecond."""
+    stamp = datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
+    return stamp.removesuffix("+00:00") + "Z"
+
+
+# Twisted's own chatter about ports and factories: nothing an operator acts on.
+_NOISE = re.compile(
+    r"^(?:.* starting on \S+|\(\w+ Port \S+ Closed\)|Starting factory .*|Stopping factory .*"
+    r"|Main loop terminated\.)$"
+)
+
+
+@implementer(ILogFilterPredicate)
+class _DropNoise:
+    def __call__(self, event: dict[str, Any]) -> Any:
+        namespace = event.get("log_namespace", "")
+        if (
+            event.get("log_level", LogLevel.info) <= LogLevel.info
+            and (namespace == "log_legacy" or namespace.startswith("twisted."))
+            and _NOISE.match(formatEvent(event))
+        ):
+            return PredicateResult.no
+        return PredicateResult.maybe
 
 
 @implementer(ILogObserver)
@@ -110,10 +135,13 @@ class AcceptErrors:
 
 
 def start_logging(
-    fmt: str, stream: IO[str] | None = None, level: LogLevel = LogLevel.info
+    fmt: str, stream: IO[str] | None = None, level: LogLevel | str = LogLevel.info
 ) -> AcceptErrors:
+    if isinstance(level, str):
+        level = LogLevel.levelWithName(level)
     observer = FilteringLogObserver(
-        LineObserver(stream or sys.stdout, fmt), [LogLevelFilterPredicate(defaultLogLevel=level)]
+        LineObserver(stream or sys.stdout, fmt),
+        [LogLevelFilterPredicate(defaultLogLevel=level), _DropNoise()],
     )
     accept_errors = AcceptErrors(observer)
     globalLogBeginner.beginLoggingTo([accept_errors], redirectStandardIO=False)

@@ -182,7 +182,7 @@ class UpstreamConnection(Protocol):
                 "(the upstream may have refused our client certificate)"
             )
         else:
-            detail = f"TLS handshake failed: {_ssl_text(reason)}"
+            detail = f"TLS handshake failed: {ssl_text(reason)}"
         self.pool.handshake_failed(detail)
         return ProxyError(502, "upstream_tls_failed", f"{detail} [{self.address}]")
 
@@ -286,7 +286,7 @@ class _Backpressure:
         pass
 
 
-def _ssl_text(reason: Failure) -> str:
+def ssl_text(reason: Failure) -> str:
     value = reason.value
     args = getattr(value, "args", ())
     if args and isinstance(args[0], list):  # OpenSSL.SSL.Error: [(lib, func, reason), ...]

@@ -375,7 +375,7 @@ class Exchange:
         extra = self.route.error_headers(err)
         body = error_response(err, self.route.name, keep_alive=down.keep_alive, extra=extra)
         down.write(body)
-        self.bytes_out = len(body)
+        self.bytes_out = len(body) - body.index(b"\r\n\r\n") - 4  # the body, not the head
         self.route.rejected(self, err)
         if self.request_done or not down.keep_alive:
             down.exchange_finished(self)

@@ -405,3 +405,71 @@ def test_the_full_server_chain_is_served(env: Env, tmp_path: Path) -> None:
     text = out.stdout.decode()
     assert text.count("-----BEGIN CERTIFICATE-----") == 2
     assert "Merchant Issuing CA" in text and "Verify return code: 0 (ok)" in text
+
+
+def _raw_tls(env: Env, port: int, request: bytes) -> bytes:
+    import socket
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(env.dir / "server-ca.pem"))
+    ctx.load_cert_chain(str(env.dir / "d1.pem"), str(env.dir / "d1.key"))
+    with ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost"
+    ) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "detail"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+         "more than one Host header"),
+        (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", "HTTP/1.1 request without a Host header"),
+    ],
+)  # fmt: skip
+def test_two_host_headers_or_none_in_http11_is_400_and_nothing_forwarded(
+    env: Env, ingress: int, request_bytes: bytes, detail: str
+) -> None:
+    before = len(env.seen())
+    got = _raw_tls(env, ingress, request_bytes)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body) == {"error": "bad_request", "detail": detail, "route": "d1-callbacks"}
+    assert len(env.seen()) == before
+
+
+def test_http10_without_host_is_forwarded_with_the_upstreams(env: Env, ingress: int) -> None:
+    got = _raw_tls(env, ingress, b"GET /old HTTP/1.0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 ")
+    assert headers_of(env.seen()[-1])["host"] == [f"127.0.0.1:{env.upstream.port}"]
+
+
+@pytest.mark.parametrize("forward", [False, True])
+def test_a_validated_bearer_token_is_removed_unless_forward_authorization(
+    env: Env, forward: bool
+) -> None:
+    import base64
+
+    (env.dir / "clients").write_text("d1-tenant:s3cret-value\n")
+    port = free_port()
+    extra = f"""
+        [ingress.oauth]
+        clients_file = "clients"
+        forward_authorization = {"true" if forward else "false"}
+    """
+    conf = env.config(f"bearer-{forward}", port, extra)
+    with running(Sidecar(conf).start([("127.0.0.1", port)])):
+        basic = base64.b64encode(b"d1-tenant:s3cret-value").decode()
+        r = curl("--cacert", str(env.dir / "server-ca.pem"), "--cert", str(env.dir / "d1.pem"),
+                 "--key", str(env.dir / "d1.key"), "-H", f"Authorization: Basic {basic}",
+                 "--data", "grant_type=client_credentials",
+                 f"https://localhost:{port}/oauth2/token")  # fmt: skip
+        token = json.loads(r.body)["access_token"]
+        admitted = curl(*env.mtls(port, "d1", "-H", f"Authorization: Bearer {token}"))
+    assert admitted.status == 200
+    seen = headers_of(json.loads(admitted.body))
+    assert seen.get("authorization") == ([f"Bearer {token}"] if forward else None)

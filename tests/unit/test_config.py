@@ -189,9 +189,16 @@ def test_unknown_key_in_egress_oauth_is_named(folder: Path) -> None:
 
 
 def test_unknown_key_in_admin_and_log_is_named(folder: Path) -> None:
-    text = '[admin]\nlisten = "127.0.0.1:9901"\nport = 1\n[log]\nlevel = "debug"\n' + EGRESS
+    text = '[admin]\nlisten = "127.0.0.1:9901"\nport = 1\n[log]\nlevels = "debug"\n' + EGRESS
     _, findings = parse_text(folder, text)
-    assert errors(findings) == {"admin.port": "unknown key", "log.level": "unknown key"}
+    assert errors(findings) == {"admin.port": "unknown key", "log.levels": "unknown key"}
+
+
+def test_log_level_is_one_of_the_named_levels(folder: Path) -> None:
+    config, _ = parse_text(folder, '[log]\nlevel = "warn"\n' + EGRESS)
+    assert config is not None and config.service.log_level == "warn"
+    _, findings = parse_text(folder, '[log]\nlevel = "verbose"\n' + EGRESS)
+    assert "log.level" in errors(findings)
 
 
 # --------------------------------------------------------------------------- wrong types
