@@ -126,6 +126,12 @@ def _check(args: argparse.Namespace) -> int:
     return run_check(args.config, as_json=args.json)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from proxy.commands.status import run_status
+
+    return run_status(args.config, as_json=args.json)
+
+
 def _probe(args: argparse.Namespace) -> int:
     from proxy.commands.probe import run_probe
 
@@ -197,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("route", nargs="?", help="route name (default: every route)")
     probe.add_argument("--json", action="store_true", help="results as JSON")
     probe.set_defaults(func=_probe)
+    status = sub.add_parser(
+        "status",
+        help="what the running sidecar holds (from its admin listener)",
+        description="Ask the running sidecar's admin listener ([admin] listen in FILE) what it "
+        "holds: readiness, the certificates in use (subject, serial, not-after, SHA-256), "
+        "OAuth token state per route (never the token), the last upstream connect, and the "
+        "config in effect. Exit status: 0 ready, 1 not ready, 2 not reachable or bad config.",
+    )
+    status.add_argument("-c", "--config", required=True, help="TOML config file")
+    status.add_argument("--json", action="store_true", help="the status as JSON")
+    status.set_defaults(func=_status)
     demo = sub.add_parser(
         "demo",
         help="both directions on loopback with a throwaway PKI",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -12,11 +13,13 @@ from twisted.web.server import Request, Site
 class State(Protocol):
     """What the admin listener reads of the running service."""
 
-    @property
-    def draining(self) -> bool: ...
+    def readiness(self) -> list[str]:
+        """Why the service is not ready to take traffic; empty when it is."""
+        ...
 
-    @property
-    def ready(self) -> bool: ...
+    def status(self) -> dict[str, Any]:
+        """What it holds: config (secrets redacted), certificates, tokens, upstreams."""
+        ...
 
 
 class _Health(Resource):
@@ -35,14 +38,25 @@ class _Ready(Resource):
         self.sidecar = state
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain")
-        if self.sidecar.draining:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        reasons = self.sidecar.readiness()
+        if reasons:
             request.setResponseCode(503)
-            return b"draining\n"
-        if not self.sidecar.ready:
-            request.setResponseCode(503)
-            return b"starting\n"
-        return b"ready\n"
+        return json.dumps({"ready": not reasons, "reasons": reasons}).encode() + b"\n"
+
+
+class _Status(Resource):
+    isLeaf = True
+
+    def __init__(self, state: State) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.state = state
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.state.status(), indent=2, default=str).encode() + b"\n"
 
 
 class _Metrics(Resource):
@@ -62,6 +76,7 @@ def admin_site(state: State, registry: CollectorRegistry) -> Any:
     root = Resource()
     root.putChild(b"healthz", _Health())  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", _Ready(state))
+    root.putChild(b"status", _Status(state))
     root.putChild(b"metrics", _Metrics(registry))
     site = Site(root)
     site.noisy = False

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
+from cryptography.hazmat.primitives import hashes
 from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -91,6 +94,7 @@ class Sidecar:
         self._signature: tuple[Any, ...] = ()
         self._stopping: defer.Deferred[None] | None = None
         self.accept_errors: AcceptErrors | None = None  # set when logging starts
+        self.last_connect: dict[str, dict[str, Any]] = {}  # route -> last upstream connect
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
@@ -105,7 +109,6 @@ class Sidecar:
 
     def _pool(self, name: str, up: cfg.Upstream, client_tls: tls.ClientTLS | None,
               r: cfg.EgressRoute | cfg.IngressRoute) -> Pool:  # fmt: skip
-        connects = self.metrics.upstream_connects
         handshakes = self.metrics.handshake_errors
         pool = Pool(
             reactor=self.reactor,
@@ -121,7 +124,7 @@ class Sidecar:
             max_head_bytes=r.limits.max_response_header_bytes,
             max_head_fields=r.limits.max_response_headers,
             close_grace=r.timeouts.close_grace,
-            on_connect=lambda result: connects.labels(name, result).inc(),
+            on_connect=lambda result: self._connected(name, result),
             on_handshake_error=lambda detail: handshakes.labels(name, _reason_label(detail)).inc(),
         )
         self.metrics.watch_pool(name, pool.states)
@@ -166,6 +169,70 @@ class Sidecar:
             access_log=self.access_log,
         )
         return RouteState(ri, route, client_tls=client, server_tls=server)
+
+    def _connected(self, route: str, result: str) -> None:
+        self.metrics.upstream_connects.labels(route, result).inc()
+        self.last_connect[route] = {"result": result, "time": _rfc3339(self.reactor.seconds())}
+
+    # ---- what the admin listener and `status` show
+    def readiness(self) -> list[str]:
+        """Why new traffic would fail now; empty when ready."""
+        if self.draining:
+            return ["draining"]
+        if not self.ready:
+            return ["starting"]
+        reasons = []
+        now = self.reactor.seconds()
+        for state in self.routes:
+            if state.port is None or not getattr(state.port, "connected", True):
+                reasons.append(f"{state.config.name}: listener not open")
+            token = _token_state(state.route)
+            if token is not None and not (token.get("valid_until") or 0) > now:
+                error = token.get("last_error")
+                reasons.append(
+                    f"{state.config.name}: no valid OAuth token"
+                    + (f" (last error: {error})" if error else " yet")
+                )
+        return reasons
+
+    def status(self) -> dict[str, Any]:
+        routes = []
+        for state in self.routes:
+            c = state.config
+            certs = []
+            if isinstance(c, cfg.EgressRoute) and state.client_tls is not None:
+                pair = state.client_tls.material.pair
+                if pair is not None:
+                    certs.append(("client", c.client_cert, pair.leaf))
+            if state.server_tls is not None:
+                m = state.server_tls.material
+                certs.append(("server", c.server_cert, m.pair.leaf))  # type: ignore[union-attr]
+                certs += [("client_ca", c.client_ca, ca) for ca in m.client_cas]  # type: ignore[union-attr]
+            token = _token_state(state.route)
+            routes.append(
+                {
+                    "name": c.name,
+                    "direction": c.direction,
+                    "listening": state.port is not None,
+                    "certificates": [
+                        {"role": role, "file": str(path), **_cert_facts(cert)}
+                        for role, path, cert in certs
+                    ],
+                    "oauth": None
+                    if token is None
+                    else {
+                        k: (_rfc3339(v) if k in ("valid_until", "last_fetch") and v else v)
+                        for k, v in token.items()
+                    },
+                    "last_upstream_connect": self.last_connect.get(c.name),
+                }
+            )
+        return {
+            "ready": not self.readiness(),
+            "reasons": self.readiness(),
+            "routes": routes,
+            "config": _redacted(attrs.asdict(self.config)),
+        }
 
     # ---- listening
     def start(self, inherited: Mapping[str, list[int]] | None = None) -> None:
@@ -348,6 +415,40 @@ class Sidecar:
         defer.DeferredList(stops).addCallback(lambda _: poll.start(0.05, now=True))
         self._stopping = done
         return done
+
+
+def _token_state(route: Route) -> dict[str, Any] | None:
+    glue = getattr(route, "token_source", None)
+    state = getattr(getattr(glue, "source", None), "state", None)
+    return dict(state()) if state is not None else None
+
+
+def _cert_facts(cert: Any) -> dict[str, str]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "serial": f"{cert.serial_number:x}",
+        "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+    }
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+_SECRET_KEY = re.compile(r"(?i)secret|password|token$|credential")
+
+
+def _redacted(value: Any, key: str = "") -> Any:
+    """The config as JSON-able data; anything named like a secret is hidden. (The config holds
+    paths to key material, never the material itself.)"""
+    if isinstance(value, dict):
+        return {k: _redacted(v, k) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, key) for v in value]
+    if _SECRET_KEY.search(key) and isinstance(value, str):
+        return "[redacted]"
+    return value if isinstance(value, int | float | bool | type(None)) else str(value)
 
 
 def _where(port: Any, listen: cfg.Listen) -> str:

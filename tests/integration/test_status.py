@@ -1,0 +1,150 @@
+"""What an on-call person reads: /readyz with its reasons, and /status and `mtls-sidecar status`
+with certificates, token state, the last upstream connect and the config in effect."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from tests.harness import (
+    PEERS,
+    SIDECAR,
+    Nginx,
+    Peer,
+    Sidecar,
+    curl,
+    free_port,
+    mtls_server,
+    origin_pki,
+    running,
+    write_config,
+    write_oauth_key,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@attrs.frozen
+class Env:
+    dir: Path
+    origin: int
+    upstream: Peer
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    d = tmp_path_factory.mktemp("status")
+    origin_pki(d)
+    write_oauth_key(d)
+    (d / "oauth.key").chmod(0o600)
+    origin = free_port()
+    nginx = Nginx(
+        d / "nginx",
+        mtls_server(f"127.0.0.1:{origin}", d / "origin.pem", d / "origin.key",
+                    d / "client-ca.pem", 'location / { return 200 "ok"; }'),
+    ).start([("127.0.0.1", origin)])  # fmt: skip
+    upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
+    try:
+        yield Env(d, origin, upstream)
+    finally:
+        upstream.stop()
+        nginx.stop()
+
+
+def config(env: Env, name: str, oauth: str = "") -> tuple[Path, dict[str, int]]:
+    ports = {k: free_port() for k in ("egress", "ingress", "admin")}
+    conf = write_config(
+        env.dir / f"{name}.toml",
+        f"""
+        [admin]
+        listen = "127.0.0.1:{ports["admin"]}"
+        [[egress]]
+        name = "d1"
+        listen = "127.0.0.1:{ports["egress"]}"
+        upstream = "https://localhost:{env.origin}"
+        client_cert = "client.pem"
+        client_key = "client.key"
+        trust = "server-ca.pem"
+        {oauth}
+        [[ingress]]
+        name = "callbacks"
+        listen = "127.0.0.1:{ports["ingress"]}"
+        server_cert = "origin.pem"
+        server_key = "origin.key"
+        client_ca = "client-ca.pem"
+        upstream = "http://127.0.0.1:{env.upstream.port}"
+        """,
+    )
+    return conf, ports
+
+
+def status(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SIDECAR, "status", "-c", str(conf), *args], capture_output=True,
+                          text=True, timeout=20)  # fmt: skip
+
+
+def test_status_shows_certificates_last_connect_and_config(env: Env) -> None:
+    conf, ports = config(env, "plain")
+    sidecar = Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])
+    with running(sidecar):
+        assert curl(f"http://127.0.0.1:{ports['egress']}/x").status == 200
+        ready = curl(f"http://127.0.0.1:{ports['admin']}/readyz")
+        out = status(conf, "--json")
+        text = status(conf)
+    assert ready.status == 200 and json.loads(ready.body) == {"ready": True, "reasons": []}
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    routes = {r["name"]: r for r in report["routes"]}
+    client = x509.load_pem_x509_certificate((env.dir / "client.pem").read_bytes())
+    (mine,) = routes["d1"]["certificates"]
+    assert mine["role"] == "client"
+    assert mine["serial"] == f"{client.serial_number:x}"
+    assert mine["sha256"] == client.fingerprint(hashes.SHA256()).hex()
+    assert mine["subject"] == client.subject.rfc4514_string()
+    assert [c["role"] for c in routes["callbacks"]["certificates"]] == ["server", "client_ca"]
+    assert routes["d1"]["last_upstream_connect"]["result"] == "ok"
+    assert routes["d1"]["oauth"] is None
+    assert report["config"]["egress"][0]["upstream"]["port"] == env.origin
+    key_pem = (env.dir / "client.key").read_text()
+    assert key_pem.splitlines()[1] not in out.stdout  # paths, never key material
+    assert text.returncode == 0 and text.stdout.startswith("ready\n")
+    assert f"serial {client.serial_number:x}" in text.stdout
+
+
+def test_readyz_is_503_naming_an_oauth_route_without_a_token(env: Env) -> None:
+    dead = free_port()
+    oauth = f"""
+        [egress.oauth]
+        token_url = "https://localhost:{dead}/authz/v1/oauth2/token"
+        issuer = "MGW0000001"
+        signing_key = "oauth.key"
+        key_id = "kid-1"
+    """
+    conf, ports = config(env, "notoken", oauth)
+    sidecar = Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])
+    with running(sidecar):
+        ready = curl(f"http://127.0.0.1:{ports['admin']}/readyz")
+        out = status(conf, "--json")
+    assert ready.status == 503
+    body = json.loads(ready.body)
+    assert body["ready"] is False
+    (reason,) = body["reasons"]
+    assert reason.startswith("d1: no valid OAuth token")
+    assert out.returncode == 1
+    token = {r["name"]: r for r in json.loads(out.stdout)["routes"]}["d1"]["oauth"]
+    assert token["valid_until"] is None and token["last_error"]
+
+
+def test_status_without_a_running_sidecar_says_so(env: Env) -> None:
+    conf, _ = config(env, "down")
+    out = status(conf)
+    assert out.returncode == 2
+    assert out.stderr.startswith("mtls-sidecar: error: http://127.0.0.1:")
+    assert "is the sidecar running?" in out.stderr
