@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         sidecar.build()
     except tls.MaterialError as e:
-        print(f"mtls-sidecar: {config.path}: {e}", file=sys.stderr)
+        print(f"mtls-sidecar: error: {config.path}: {e}", file=sys.stderr)
         return 2
     accept_errors = start_logging(
         config.service.log_format, level=args.log_level or config.service.log_level

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
@@ -24,7 +25,7 @@ enforces the CN, and a certificate with a wrong CN is useless for five years).
 """
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the `csr` and `oauth-key` subcommands."""
     csr = sub.add_parser(
         "csr",
@@ -103,7 +104,7 @@ def run_csr(args: argparse.Namespace) -> int:
         csr_pem = csr.public_bytes(serialization.Encoding.PEM)
         _write_all([(key_out, _key_pem(key), KEY_MODE), (csr_out, csr_pem, PUBLIC_MODE)])
     except (ValueError, OSError) as e:
-        return _fail("csr", e)
+        return _fail(e)
     key_desc = pki.describe_key(key.public_key())
     print(f"subject: {csr.subject.rfc4514_string()}")
     print(f"key:     {key_out} ({key_desc}, mode 0600)")
@@ -140,7 +141,7 @@ def run_oauth_key(args: argparse.Namespace) -> int:
             outputs.append((args.public_out, public_pem, PUBLIC_MODE))
         _write_all(outputs)
     except (ValueError, OSError) as e:
-        return _fail("oauth-key", e)
+        return _fail(e)
     print(f"key: {key_out} (ECDSA P-256 for ES256, mode 0600)")
     print(f"kid: {jwk['kid']}")
     print("public key (PEM):")
@@ -174,6 +175,10 @@ def _refuse_existing(*paths: Path) -> None:
         seen.add(resolved)
         if path.exists() or path.is_symlink():
             raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+        # `exists()` is False under a file ("key.pem/client.key"): name the file in the way
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise NotADirectoryError(f"{path}: {blocker} is a file, not a folder")
         if not path.parent.is_dir():
             raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
 
@@ -191,9 +196,9 @@ def _write_all(outputs: list[tuple[Path, bytes, int]]) -> None:
         raise
 
 
-def _fail(command: str, error: Exception) -> int:
+def _fail(error: Exception) -> int:
     reason = str(error)
     if isinstance(error, OSError) and error.strerror:
         reason = error.strerror if error.filename is None else f"{error.filename}: {error.strerror}"
-    print(f"mtls-sidecar {command}: {reason}", file=sys.stderr)
+    print(f"mtls-sidecar: error: {reason}", file=sys.stderr)
     return 1

@@ -1,10 +1,16 @@
-"""`mtls-sidecar probe`: dial an egress route's upstream the way `run` does, and say what happened.
+"""`mtls-sidecar probe`: dial each route the way its peer does, and say what happened.
 
-The dial goes through the same pieces as the data path: the route's client material
+Egress: the dial goes through the same pieces as the data path: the route's client material
 (`tls.build_client_material`), `tls.ClientTLS`, the configured resolver and `pool.Pool`, so
 the verification verdict is the one `run` would reach. One pool per DNS answer makes every
 address's result visible. A short `GET /` on a verified connection tells whether the server
 accepted our client certificate: with TLS 1.3 a server judges it only after the handshake.
+
+Ingress: the probe stands where the partner stands and dials our own listener: it verifies the
+served chain against the Mozilla bundle (the egress `trust` default, which is what D1 checks),
+reads the CA names the listener asks clients for from its CertificateRequest, and presents no
+client certificate, so a listener that enforces mutual TLS refuses it: that refusal is expected
+and reported.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from cryptography import x509
-from OpenSSL import SSL
-from twisted.internet import defer, error, task
+from OpenSSL import SSL, crypto
+from twisted.internet import defer, endpoints, error, protocol, task
 from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from proxy import config as cfg
 from proxy.oauth import client as oauth
@@ -34,12 +42,24 @@ from proxy.wire.resolver import DNSResolver, resolve
 if TYPE_CHECKING:
     pass
 
+ERROR = "mtls-sidecar: error:"
 NO_TTL = "TTL not available from the system resolver"
 ANSWER_PREVIEW = 4096  # bytes of the probe request's answer kept to recognise an error page
 SWEEP_INTERVAL = 0.25  # as the running sidecar: connect/TLS/response deadlines are swept
 # nginx answers a client certificate it cannot verify with HTTP 400 and one of these titles
 # (internally 495/496), after a completed handshake.
 _NGINX_CERT_PAGE = re.compile(rb"<title>\s*(\d{3} [^<]*SSL certificate[^<]*)</title>", re.I)
+MOZILLA = "Mozilla bundle (certifi)"
+# TLS 1.3: the listener judges our (absent) certificate after the handshake; its alert comes
+# at once, so a quiet connection after this long means it let us in.
+ALERT_GRACE = 1.0
+ANSWER_WAIT = 3.0  # for an answer to the malformed request sent when no alert came
+# no HTTP parser accepts this request line, so nothing can be forwarded to an upstream
+NOT_A_REQUEST = b"PROBE\r\n\r\n"
+NO_CLIENT_CERT = (
+    "none presented (the probe holds no partner key); a listener that requires one refuses "
+    "the connection, as it should"
+)
 
 
 # --------------------------------------------------------------------------- results
@@ -127,6 +147,47 @@ class RouteReport:
         # TCP but fails TLS, verification or the client certificate breaks requests.
         reached = [a for a in self.addresses if a.tcp_ok]
         return bool(reached) and all(a.ok for a in reached)
+
+
+@attrs.define
+class IngressReport:
+    """Our own ingress listener as the partner sees it."""
+
+    name: str
+    listen: str  # as configured
+    address: str = ""  # what was dialed: host:port or a unix socket path
+    tls_name: str | None = None  # the route's server_name: SNI and the name checked
+    trust: str = MOZILLA
+    client_certificate: str = NO_CLIENT_CERT
+    skipped: str = ""  # why the route cannot be probed from here
+    tcp_ok: bool = False
+    tcp: str = ""
+    tcp_ms: float | None = None
+    tls_version: str | None = None
+    cipher: str | None = None
+    alpn: str | None = None
+    handshake_ms: float | None = None
+    handshake: str = ""
+    served_chain: list[CertFacts] = attrs.Factory(list)
+    mozilla_root: bool | None = None  # None: not reached
+    verification: str = ""
+    anchor: str | None = None
+    name_ok: bool | None = None  # None: not checked
+    name_check: str = ""
+    configured: str = ""  # the served leaf against the route's server_cert
+    cert_requested: bool | None = None
+    client_cas: list[str] = attrs.Factory(list)
+    client_cert_required: bool | None = None  # None: unknown
+    client_auth: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return bool(
+            self.tcp_ok
+            and self.mozilla_root
+            and self.name_ok is not False
+            and self.client_cert_required
+        )
 
 
 # --------------------------------------------------------------------------- dialing
@@ -475,6 +536,7 @@ class _Prober:
         except tls.MaterialError as e:
             report.error = str(e)
             return report
+        glue.source.start()
         try:
             await glue.source.token()  # the token itself is dropped here, never shown
         except oauth.TokenError as e:
@@ -531,12 +593,292 @@ def _sans(cert: x509.Certificate) -> list[str]:
 
 
 def _name_text(name: Any) -> str:
-    parts = [f"{k.decode()}={v.decode('utf-8', 'replace')}" for k, v in name.get_components()]
-    return ",".join(reversed(parts))  # RFC 4514 order, most specific first
+    """An X509Name as cryptography's rfc4514_string() writes it: most specific first."""
+    components = name.get_components()
+    parts = [f"{k.decode()}={_dn_value(v.decode('utf-8', 'replace'))}" for k, v in components]
+    return ",".join(reversed(parts))
+
+
+def _dn_value(value: str) -> str:
+    value = re.sub(r'([\\"+,;<>])', r"\\\1", value)
+    if value.startswith(("#", " ")):
+        value = "\\" + value
+    if value.endswith(" "):
+        value = value[:-1] + "\\ "
+    return value
+
+
+# --------------------------------------------------------------------------- ingress
+class _ChainVerdict:
+    """Verify callback of the partner's view: keeps OpenSSL's first complaint and lets the
+    handshake go on, so a chain that fails still shows what else the listener sends."""
+
+    def __init__(self) -> None:
+        self.called = False
+        self.error: str | None = None
+
+    def __call__(
+        self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        self.called = True
+        if not ok and self.error is None:
+            subject = cert.to_cryptography().subject.rfc4514_string()
+            reason = tls.VERIFY_REASONS.get(errno, f"verification error {errno}")
+            self.error = f"{reason} (depth {depth}: {subject})"
+        return True  # never sends anything that matters: nothing to protect
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _PartnerTLS:
+    """The partner's side of the handshake; keeps the connection for inspection."""
+
+    def __init__(self, context: SSL.Context, sni: str | None, clock: Any) -> None:
+        self.context = context
+        self.sni = sni.encode("idna") if sni else None
+        self.clock = clock
+        self.connection: SSL.Connection | None = None
+        self.tcp_at: float | None = None
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        self.tcp_at = self.clock.seconds()
+        conn = SSL.Connection(self.context, None)
+        conn.set_app_data(tlsProtocol)
+        if self.sni:
+            conn.set_tlsext_host_name(self.sni)
+        conn.set_connect_state()
+        self.connection = conn
+        return conn
+
+
+@implementer(IHandshakeListener)
+class _PartnerSide(protocol.Protocol):
+    """Waits for the listener's verdict on a connection without a client certificate: an alert
+    (refused), or, when none comes, an answer to a request line no parser accepts."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.handshake_at: float | None = None
+        self.asked = False
+        self.answer = b""
+        self.lost: Failure | None = None
+        self.timed_out = False
+        self._nudge: Any = None
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_at = self.clock.seconds()
+        self._nudge = self.clock.callLater(ALERT_GRACE, self._ask)
+
+    def _ask(self) -> None:
+        self._nudge = None
+        self.asked = True
+        assert self.transport is not None
+        self.transport.write(NOT_A_REQUEST)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.answer = (self.answer + data)[:ANSWER_PREVIEW]
+        if b"\n" in self.answer or len(self.answer) >= ANSWER_PREVIEW:
+            assert self.transport is not None
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._nudge is not None and self._nudge.active():
+            self._nudge.cancel()
+        self.lost = reason
+        if not self.done.called:
+            self.done.callback(None)
+
+
+class _OneShotFactory(protocol.ClientFactory):
+    noisy = False
+
+    def __init__(self, side: _PartnerSide) -> None:
+        self.side = side
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        return self.side
+
+
+def _dial_host(host: str) -> str:
+    """A wildcard listener is dialed on loopback; a given address or name as it is."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+class _IngressProber:
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def _ms(self, since: float) -> float:
+        now: float = self.reactor.seconds()
+        return round((now - since) * 1000, 1)
+
+    async def route(self, rc: cfg.IngressRoute) -> IngressReport:
+        listen = rc.listen
+        report = IngressReport(rc.name, str(listen), tls_name=rc.server_name)
+        endpoint: Any
+        if listen.kind == "systemd":
+            report.skipped = (
+                f"systemd:{listen.name} is a socket systemd hands over; its address is in the "
+                ".socket unit, not in this config, so it cannot be probed from here"
+            )
+            return report
+        if listen.kind == "unix":
+            report.address = listen.path
+            endpoint = endpoints.UNIXClientEndpoint(
+                self.reactor, listen.path, timeout=rc.timeouts.connect
+            )
+        elif listen.port == 0:
+            report.skipped = "port 0 is a port chosen at each start; it cannot be probed"
+            return report
+        else:
+            host = _dial_host(listen.host)
+            report.address = f"[{host}]:{listen.port}" if ":" in host else f"{host}:{listen.port}"
+            endpoint = endpoints.HostnameEndpoint(
+                self.reactor, host, listen.port, timeout=rc.timeouts.connect
+            )
+        # the Mozilla bundle through the loader egress uses when `trust` is not set
+        context = tls.client_context(None, None, rc.profile)
+        verdict = _ChainVerdict()
+        context.set_verify(SSL.VERIFY_PEER, verdict)
+        requests = _CertRequests()
+        context.set_info_callback(requests)
+        name = rc.server_name
+        sni = name if name and not (isIPAddress(name) or isIPv6Address(name)) else None
+        creator = _PartnerTLS(context, sni, self.reactor)
+        side = _PartnerSide(self.reactor)
+        started = self.reactor.seconds()
+        try:
+            wrapper = await endpoint.connect(tls.tls_factory(creator, True, _OneShotFactory(side)))
+        except Exception as e:
+            report.tcp = _connect_failure(e, rc.timeouts.connect)
+            report.tcp_ms = self._ms(started)
+            return report
+        report.tcp_ok, report.tcp = True, "connected"
+        if creator.tcp_at is not None:
+            report.tcp_ms = round((creator.tcp_at - started) * 1000, 1)
+        limit = rc.timeouts.handshake + ALERT_GRACE + ANSWER_WAIT
+
+        def expire() -> None:
+            side.timed_out = True
+            wrapper.transport.abortConnection()
+
+        timer = self.reactor.callLater(limit, expire)
+        await side.done
+        if timer.active():
+            timer.cancel()
+        self._facts(report, rc, creator, side, verdict, requests)
+        return report
+
+    def _facts(
+        self,
+        report: IngressReport,
+        rc: cfg.IngressRoute,
+        creator: _PartnerTLS,
+        side: _PartnerSide,
+        verdict: _ChainVerdict,
+        requests: _CertRequests,
+    ) -> None:
+        conn = creator.connection
+        if conn is None:
+            return
+        why = _lost_text(side.lost) if side.lost is not None else ""
+        if side.handshake_at is not None and creator.tcp_at is not None:
+            report.handshake_ms = round((side.handshake_at - creator.tcp_at) * 1000, 1)
+            report.handshake = "completed"
+        elif side.timed_out:
+            report.handshake = f"did not finish within {rc.timeouts.handshake:g} s"
+        else:
+            report.handshake = f"ended by the listener: {why}"
+        chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+        report.served_chain = [CertFacts.of(c, i == 0) for i, c in enumerate(chain)]
+        cipher = conn.get_cipher_name()
+        if cipher or chain:  # before the ServerHello, OpenSSL names what we offer, not a choice
+            report.tls_version = conn.get_protocol_version_name()
+            report.cipher = cipher
+            alpn = conn.get_alpn_proto_negotiated()
+            report.alpn = alpn.decode("ascii", "replace") if alpn else None
+        if not chain:
+            report.verification = "not reached: no server certificate received"
+        elif verdict.error is not None:
+            report.mozilla_root = False
+            report.verification = (
+                f"the served chain does not build to a Mozilla root: {verdict.error}; "
+                "the partner will refuse the connection"
+            )
+        elif verdict.called:
+            report.mozilla_root = True
+            verified = conn.get_verified_chain(as_cryptography=True)
+            if verified:
+                report.anchor = verified[-1].subject.rfc4514_string()
+            report.verification = "the served chain builds to a Mozilla root"
+        if chain and rc.server_name:
+            problem = tls.verify_hostname_error(conn, rc.server_name)
+            report.name_ok = problem is None
+            report.name_check = problem or f"{rc.server_name} matches"
+        elif chain:
+            report.name_check = "not checked: the route sets no server_name"
+        if chain:
+            report.configured = _against_config(chain[0], rc.server_cert)
+        requested = id(conn) in requests.seen
+        report.cert_requested = requested if (requested or side.handshake_at) else None
+        report.client_cas = [_name_text(n) for n in conn.get_client_ca_list()]
+        self._client_auth(report, side, why)
+
+    @staticmethod
+    def _client_auth(report: IngressReport, side: _PartnerSide, why: str) -> None:
+        refused = side.lost is not None and side.lost.check(SSL.Error) is not None
+        if side.answer:
+            line = side.answer.split(b"\n", 1)[0].decode("latin-1", "replace").strip()
+            report.client_cert_required = False
+            report.client_auth = (
+                f"NOT required: the listener answered {line!r} to a connection without a "
+                "client certificate"
+            )
+        elif refused and report.cert_requested:
+            report.client_cert_required = True
+            when = "after the handshake" if side.handshake_at is not None else "in the handshake"
+            report.client_auth = (
+                f"required: the listener refused the connection without a client certificate "
+                f"{when} ({why})"
+            )
+        elif report.cert_requested is False:
+            report.client_cert_required = False
+            report.client_auth = "NOT required: the listener did not ask for a client certificate"
+        elif side.timed_out and side.asked:
+            report.client_auth = "unknown: no alert and no answer to a malformed request"
+        elif side.handshake_at is not None:
+            report.client_auth = f"unknown: the listener closed without an alert or answer ({why})"
+        else:
+            report.client_auth = "unknown: the handshake did not get that far"
+
+
+def _connect_failure(e: Exception, timeout: float) -> str:
+    if isinstance(e, error.ConnectionRefusedError):
+        return "connection refused (is the sidecar running with this config?)"
+    if isinstance(e, error.TimeoutError | defer.CancelledError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(e, error.DNSLookupError):
+        return f"DNS lookup failed: {e}"
+    if isinstance(e, error.ConnectError) and e.osError is not None:
+        return str(e.osError)
+    return str(e) or type(e).__name__
+
+
+def _against_config(served: x509.Certificate, server_cert: Any) -> str:
+    try:
+        configured = tls.read_chain(server_cert, "server_cert")
+    except tls.MaterialError as e:
+        return f"cannot compare with the config: {e}"
+    if configured and configured[0] == served:
+        return f"the served certificate is the route's server_cert ({server_cert})"
+    return (
+        f"the served certificate is NOT the route's server_cert ({server_cert}): is the "
+        "sidecar running this config, or is a reload pending?"
+    )
 
 
 # --------------------------------------------------------------------------- output
-def _as_json(config: cfg.Config, reports: Sequence[RouteReport]) -> dict[str, Any]:
+def _as_json(config: cfg.Config, reports: Sequence[RouteReport | IngressReport]) -> dict[str, Any]:
     def plain(value: Any) -> dict[str, Any]:
         return attrs.asdict(value, value_serializer=lambda _i, _f, v: None if v == "" else v)
 
@@ -545,8 +887,11 @@ def _as_json(config: cfg.Config, reports: Sequence[RouteReport]) -> dict[str, An
         doc["ok"] = a.ok
         return doc
 
-    routes = []
+    routes: list[dict[str, Any]] = []
     for r in reports:
+        if isinstance(r, IngressReport):
+            routes.append({"name": r.name, "direction": "ingress", **plain(r), "ok": r.ok})
+            continue
         dns = None
         if r.dns is not None:
             dns = {
@@ -559,6 +904,7 @@ def _as_json(config: cfg.Config, reports: Sequence[RouteReport]) -> dict[str, An
         routes.append(
             {
                 "name": r.name,
+                "direction": "egress",
                 "upstream": r.upstream,
                 "tls_name": r.tls_name,
                 "profile": r.profile,
@@ -571,17 +917,78 @@ def _as_json(config: cfg.Config, reports: Sequence[RouteReport]) -> dict[str, An
                 "ok": r.ok,
             }
         )
-    return {"config": str(config.path), "ok": all(r.ok for r in reports), "routes": routes}
+    return {"config": str(config.path), "ok": _all_ok(reports), "routes": routes}
 
 
-def _text(reports: Sequence[RouteReport]) -> str:
+def _all_ok(reports: Sequence[RouteReport | IngressReport]) -> bool:
+    """Every probed route is fine; a route that cannot be probed from here (a socket systemd
+    hands over) does not count, but a run that probed nothing is no confirmation."""
+    probed = [r for r in reports if not (isinstance(r, IngressReport) and r.skipped)]
+    return bool(probed) and all(r.ok for r in probed)
+
+
+def _kv(lines: list[str], indent: int, key: str, value: str) -> None:
+    label = f"{key}:" if key else ""
+    lines.append(f"{' ' * indent}{label:<20} {value}")
+
+
+def _chain_lines(lines: list[str], indent: int, title: str, chain: Sequence[CertFacts]) -> None:
+    for i, c in enumerate(chain):
+        _kv(lines, indent, f"{title} [{i}]", f"subject {c.subject}")
+        _kv(lines, indent, "", f"issuer {c.issuer}")
+        _kv(lines, indent, "", f"not after {c.not_after}")
+        if c.sans is not None:
+            _kv(lines, indent, "", f"SANs {', '.join(c.sans) or 'none'}")
+
+
+def _ingress_text(r: IngressReport) -> list[str]:
+    lines: list[str] = []
+
+    def kv(key: str, value: str) -> None:
+        _kv(lines, 2, key, value)
+
+    dialed = f", dialed {r.address} as the partner would" if r.address else ""
+    lines.append(f"ingress {r.name} <- listen {r.listen}{dialed}")
+    if r.skipped:
+        kv("not probed", r.skipped)
+        kv("result", "not probed")
+        return lines
+    kv("TLS name", r.tls_name or "not set (no SNI, no name check): set server_name")
+    kv("trust", f"{r.trust}, as the partner checks")
+    kv("client certificate", r.client_certificate)
+    if r.address:
+        kv("TCP", r.tcp + (f" in {r.tcp_ms:g} ms" if r.tcp_ms is not None else ""))
+    if r.tcp_ok:
+        if r.tls_version and r.cipher:
+            took = f" (handshake {r.handshake_ms:g} ms)" if r.handshake_ms is not None else ""
+            kv("TLS", f"{r.tls_version}, {r.cipher}, ALPN {r.alpn or 'none'}{took}")
+        kv("handshake", r.handshake)
+        _chain_lines(lines, 2, "served chain", r.served_chain)
+        verdict = r.verification + (f" (anchor {r.anchor})" if r.anchor else "")
+        answer = {True: "yes: ", False: "NO: ", None: ""}[r.mozilla_root]
+        kv("Mozilla root", answer + verdict)
+        if r.name_check:
+            kv("name", r.name_check)
+        if r.configured:
+            kv("config", r.configured)
+        if r.cert_requested is not None:
+            kv("cert requested", "yes" if r.cert_requested else "no")
+        kv("client CAs asked", "; ".join(r.client_cas) or "none")
+        kv("client auth", r.client_auth)
+    kv("result", "OK" if r.ok else "FAILED")
+    return lines
+
+
+def _text(reports: Sequence[RouteReport | IngressReport]) -> str:
     lines: list[str] = []
 
     def kv(indent: int, key: str, value: str) -> None:
-        label = f"{key}:" if key else ""
-        lines.append(f"{' ' * indent}{label:<20} {value}")
+        _kv(lines, indent, key, value)
 
     for r in reports:
+        if isinstance(r, IngressReport):
+            lines += [*_ingress_text(r), ""]
+            continue
         lines.append(
             f"egress {r.name} -> {r.upstream} (TLS name {r.tls_name}, profile {r.profile})"
         )
@@ -622,12 +1029,7 @@ def _text(reports: Sequence[RouteReport]) -> str:
                 kv(4, "TLS", f"{a.tls_version} negotiated; the handshake did not complete")
             if a.handshake:
                 kv(4, "handshake", a.handshake)
-            for i, c in enumerate(a.peer_chain):
-                kv(4, f"peer chain [{i}]", f"subject {c.subject}")
-                kv(4, "", f"issuer {c.issuer}")
-                kv(4, "", f"not after {c.not_after}")
-                if c.sans is not None:
-                    kv(4, "", f"SANs {', '.join(c.sans) or 'none'}")
+            _chain_lines(lines, 4, "peer chain", a.peer_chain)
             verdict = a.verification
             if a.verified and a.anchor:
                 verdict += f" (anchor {a.anchor})"
@@ -644,7 +1046,7 @@ def _text(reports: Sequence[RouteReport]) -> str:
                 expires = f"expires_in {o.expires_in} s" if o.expires_in is not None else "OK"
                 kv(2, "OAuth token", f"OK from {o.token_url}, {expires}")
             else:
-                kv(2, "OAuth token", f"FAILED from {o.token_url}: {o.error}")
+                kv(2, "OAuth token", f"FAILED: {o.error}")
         kv(2, "result", "OK" if r.ok else "FAILED")
         lines.append("")
     return "\n".join(lines)
@@ -657,27 +1059,26 @@ def run_probe(config_path: str, route: str | None, *, as_json: bool, out: Any = 
         config = cfg.load(config_path)
     except cfg.ConfigError as e:
         for f in e.findings:
-            print(f"mtls-sidecar: {f}", file=sys.stderr)
+            print(f"mtls-sidecar: {f}", file=sys.stderr)  # a finding starts with "error:"
         return 2
-    routes = list(config.egress)
+    routes = list(config.routes())
     names = ", ".join(r.name for r in routes) or "none"
     if route is not None:
         routes = [r for r in routes if r.name == route]
         if not routes:
-            print(
-                f"mtls-sidecar: no egress route named {route!r} in {config.path}; "
-                f"egress routes: {names}",
-                file=sys.stderr,
-            )
+            _error(f"no route named {route!r} in {config.path}; routes: {names}")
             return 2
     if not routes:
-        print(f"mtls-sidecar: {config.path} has no [[egress]] route to probe", file=sys.stderr)
+        _error(f"{config.path} has no [[egress]] or [[ingress]] route to probe")
         return 2
-    result: dict[str, list[RouteReport]] = {}
+    result: dict[str, list[RouteReport | IngressReport]] = {}
 
     async def main(reactor: Any) -> None:
-        prober = _Prober(reactor, config)
-        result["reports"] = [await prober.route(r) for r in routes]
+        egress, ingress = _Prober(reactor, config), _IngressProber(reactor)
+        result["reports"] = [
+            await (egress.route(r) if isinstance(r, cfg.EgressRoute) else ingress.route(r))
+            for r in routes
+        ]
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
@@ -691,4 +1092,8 @@ def run_probe(config_path: str, route: str | None, *, as_json: bool, out: Any = 
     else:
         out.write(_text(reports))
     out.flush()
-    return 0 if all(r.ok for r in reports) else 1
+    return 0 if _all_ok(reports) else 1
+
+
+def _error(message: str) -> None:
+    print(f"{ERROR} {message}", file=sys.stderr)

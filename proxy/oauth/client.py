@@ -3,7 +3,10 @@
 D1 wants an RFC 7523 JWT-bearer grant (an ES256 assertion signed with a P-256 key whose
 public half Thales registered) and then ``Authorization: Bearer <token>`` on every call. A
 ``TokenSource`` per route caches the token, shares one fetch among concurrent callers and
-refreshes ahead of expiry, so a request only waits when there is no usable token at all.
+refreshes ahead of expiry, so a request only waits when there is no usable token at all. When
+the token endpoint fails, its own error fields (RFC 6749 ``error``/``error_description`` or
+D1's ``errorCode``/``errorMessage``) reach the log and the app's 502, and the source retries
+soon: 1 s doubling to 30 s, and at once when a request needs a token and the last try is 1 s old.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from random import Random
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypedDict, cast
 
 import attrs
 import jwt
@@ -51,8 +54,10 @@ __all__ = [
     "Token",
     "TokenError",
     "TokenSource",
+    "TokenState",
     "authorization_value",
     "build_token_request",
+    "endpoint_error",
     "load_signing_key",
     "make_assertion",
     "new_correlation_id",
@@ -70,9 +75,13 @@ MAX_TOKEN_RESPONSE = 64 * 1024
 
 # RFC 6750 b64token: the only characters that may follow "Bearer " in a header.
 _B64TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
-_ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")
-# Long base64-like runs in an endpoint's error text could be an echoed token or assertion.
+# Long base64-like runs in an endpoint's error text could be an echoed token or assertion;
+# a single-case run without digits is a long identifier (ERR_ASSERTION_...), kept readable.
 _SECRET_LIKE = re.compile(r"[A-Za-z0-9._~+/=-]{32,}")
+_IDENTIFIER = re.compile(r"[A-Z_.-]+|[a-z_.-]+")
+# How much of the endpoint's error fields reaches a log line or a 502 detail.
+MAX_ERROR_CODE = 64
+MAX_ERROR_TEXT = 200
 
 Fetch = Callable[[bytes, dict[str, str]], "Deferred[tuple[int, bytes]]"]
 
@@ -149,16 +158,20 @@ class OAuthSettings:
     refresh_fraction: float = 0.8
     refresh_jitter: float = 0.05
     refresh_min_margin: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
-    # A token is used until this many seconds before expiry, so it is still valid on arrival.
-    expiry_skew: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    # A token is handed out until this many seconds (at most a quarter of its life) before
+    # expiry: it is put on the wire only after DNS and the upstream connect (5 s each by
+    # default), and must still be valid when it arrives.
+    expiry_skew: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    # After a failed fetch the next one follows retry_initial later, doubling up to retry_max,
+    # each delay shortened by up to backoff_jitter so that many sidecars do not call in step.
     retry_initial: float = attrs.field(default=1.0, validator=_positive)
     retry_max: float = attrs.field(default=30.0, validator=_positive)
-    # D1: a 400 is not retryable. It is a configuration problem (key, kid, iss, clock), so the
-    # next attempt waits this long instead of the short transient backoff.
-    rejected_backoff: float = attrs.field(default=60.0, validator=_positive)
     backoff_jitter: float = attrs.field(
         default=0.2, validator=[attrs.validators.ge(0), attrs.validators.lt(1)]
     )
+    # A request that finds no usable token fetches at once when the last fetch ended at least
+    # this long ago, so a fixed endpoint heals the route at the next request, not the next retry.
+    on_demand_interval: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
     request_timeout: float = attrs.field(default=10.0, validator=_positive)
     # A 401 from the upstream discards the token only when it is at least this old, so a
     # partner that refuses every token cannot drive one token fetch per request.
@@ -285,8 +298,14 @@ class TokenError(Exception):
         return self.detail
 
 
-def printable(text: str, limit: int = 200) -> str:
-    text = _SECRET_LIKE.sub("[redacted]", text)
+def _redact(match: re.Match[str]) -> str:
+    run = match.group()
+    return run if _IDENTIFIER.fullmatch(run) else "[redacted]"
+
+
+def printable(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """``text`` fit for a log line: secret-looking runs redacted, printable ASCII, cut."""
+    text = _SECRET_LIKE.sub(_redact, text)
     text = "".join(c if " " <= c <= "~" else "?" for c in text)
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -297,6 +316,33 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _first_field(doc: Mapping[str, Any], *names: str) -> str | None:
+    for name in names:
+        value = doc.get(name)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            value = str(value)  # some APIs send a numeric error code
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def endpoint_error(doc: Mapping[str, Any]) -> str:
+    """The endpoint's own account of a refusal, as ``": code (text)"``; empty when it gave none.
+
+    RFC 6749 section 5.2 names the fields ``error``/``error_description``; D1's APIs answer
+    ``errorCode``/``errorMessage``. They are meant for the client's operator, but are cut and
+    passed through ``printable`` all the same.
+    """
+    code = _first_field(doc, "error", "errorCode")
+    text = _first_field(doc, "error_description", "errorMessage")
+    out = f": {printable(code, MAX_ERROR_CODE)}" if code is not None else ""
+    if text is not None:
+        out += f" ({printable(text, MAX_ERROR_TEXT)})"
+    return out
 
 
 def _retryable(status: int) -> bool:
@@ -314,11 +360,7 @@ def parse_token_response(
         if doc is None:
             detail += f" with a non-JSON body ({len(body)} bytes)"
         else:
-            error, description = doc.get("error"), doc.get("error_description")
-            if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
-                detail += f": {printable(error, 64)}"
-            if isinstance(description, str) and description:
-                detail += f" ({printable(description)})"
+            detail += endpoint_error(doc) or " with no error fields in its JSON body"
         raise TokenError(detail, status=status, retryable=_retryable(status))
     if doc is None:
         raise TokenError(f"{endpoint} answered HTTP 200 with a body that is not a JSON object")
@@ -348,14 +390,24 @@ def parse_token_response(
 # --------------------------------------------------------------------------- token source
 
 
+class TokenState(TypedDict):
+    """A route's token as a status page shows it: never the token itself."""
+
+    valid_until: float | None  # unix time until which the token is sent; None: no usable token
+    last_fetch: float | None  # unix time the last fetch ended, well or not; None: none yet
+    last_error: str | None  # why the last fetch failed; None when it succeeded
+
+
 class TokenSource:
     """The bearer token of one egress route: cached, fetched once at a time, refreshed ahead.
 
     ``token()`` answers at once while a usable token is cached (the steady state); otherwise all
-    callers share one fetch. After a failed fetch, callers get the ``TokenError`` at once until
-    the backoff has passed; transient failures are retried in the background, while a rejected
-    request (a 4xx such as D1's 400) is retried only when a caller asks after the longer backoff.
-    A failed refresh keeps serving the old token until it expires.
+    callers share one fetch. After a failed fetch, whatever the failure, the next one follows in
+    the background ``retry_initial`` later, doubling up to ``retry_max``, with jitter. A caller
+    finding no usable token starts a fetch at once if the last one ended at least
+    ``on_demand_interval`` ago, and otherwise gets the last ``TokenError`` at once. A failed
+    refresh keeps serving the old token until it is too close to expiry to be sent.
+    ``reset_backoff()`` forgets the failures (a reload calls it).
     """
 
     log = Logger()
@@ -386,7 +438,9 @@ class TokenSource:
         self._timer: _Timer | None = None
         self._failures = 0
         self._last_error: TokenError | None = None
-        self._not_before = -math.inf
+        self._last_fetch: float | None = None
+        self._not_before = -math.inf  # the next background attempt after a failure
+        self._on_demand_from = -math.inf  # a caller without a token may fetch from then on
         self._stopped = False
 
     # public face
@@ -416,7 +470,7 @@ class TokenSource:
                 self._start_fetch()  # refresh ahead; this caller keeps the current token
             return succeed(current.value)
         if self._inflight is None:
-            if self._last_error is not None and now < self._not_before:
+            if self._last_error is not None and now < self._on_demand_from:
                 return fail(self._last_error)
             self._start_fetch()
             if self._inflight is None:  # the fetch answered synchronously
@@ -445,6 +499,29 @@ class TokenSource:
         self._cancel_timer()
         if not self._stopped and self._inflight is None and now >= self._not_before:
             self._start_fetch()
+
+    def reset_backoff(self) -> None:
+        """Forget past failures, as after a reload that may have fixed their cause.
+
+        The backoff starts again from ``retry_initial``, the next caller may fetch at once, and
+        a route whose last fetch failed fetches now rather than at its next retry.
+        """
+        self._failures = 0
+        self._not_before = -math.inf
+        self._on_demand_from = -math.inf
+        if self._stopped or self._inflight is not None or self._last_error is None:
+            return
+        self.log.info("route {route}: OAuth backoff reset; fetching a token now", route=self._route)
+        self._start_fetch()
+
+    def state(self) -> TokenState:
+        """Validity and the last fetch's outcome, for a status page; never the token."""
+        now = self._clock.seconds()
+        return {
+            "valid_until": self._usable_until if self._usable(now) else None,
+            "last_fetch": self._last_fetch,
+            "last_error": self._last_error.detail if self._last_error is not None else None,
+        }
 
     # internals
 
@@ -477,7 +554,9 @@ class TokenSource:
         try:
             assertion = make_assertion(self._settings, started, new_jti())
         except Exception as e:  # a key PyJWT cannot use: report it like any failed fetch
-            self._give_up(TokenError(f"cannot sign the assertion: {type(e).__name__}"))
+            self._give_up(
+                TokenError(f"{self._endpoint}: cannot sign the assertion: {type(e).__name__}")
+            )
             return
         body, headers = build_token_request(self._settings, assertion, correlation_id)
         if self._metrics is not None:
@@ -490,7 +569,7 @@ class TokenSource:
             self._fetched,
             self._failed,
             callbackArgs=(started, correlation_id),
-            errbackArgs=(assertion,),
+            errbackArgs=(assertion, correlation_id),
         )
 
     def _parse(self, answer: tuple[int, bytes], started: float) -> Token:
@@ -499,18 +578,31 @@ class TokenSource:
 
     def _fetched(self, token: Token, started: float, correlation_id: str) -> None:
         self._inflight = None
+        now = self._clock.seconds()
         expires_in = token.expires_at - started
         s = self._settings
+        usable_until = token.expires_at - min(s.expiry_skew, expires_in / 4)
+        if now >= usable_until:  # a slow answer with a short life: it could arrive expired
+            self._give_up(
+                TokenError(
+                    f"{self._endpoint} answered a token valid for {expires_in:g} s "
+                    f"after {now - started:.1f} s, too late to be used"
+                ),
+                correlation_id,
+            )
+            return
         self._current = token
         self._obtained_at = started
-        self._usable_until = token.expires_at - min(s.expiry_skew, expires_in / 4)
+        self._usable_until = usable_until
         spread = self._random.uniform(-s.refresh_jitter, s.refresh_jitter)
         target = started + expires_in * (s.refresh_fraction + spread)
         latest = token.expires_at - s.refresh_min_margin
         self._refresh_at = max(started + expires_in / 2, min(target, latest))
         self._failures = 0
         self._last_error = None
+        self._last_fetch = now
         self._not_before = -math.inf
+        self._on_demand_from = now + s.on_demand_interval
         self.log.info(
             "route {route}: OAuth token obtained, expires in {expires_in:.0f} s, "
             "refresh in {refresh_in:.0f} s (x-correlation-id {correlation_id})",
@@ -520,13 +612,13 @@ class TokenSource:
             correlation_id=correlation_id,
         )
         if not self._stopped:
-            self._schedule(self._refresh_at - self._clock.seconds())
+            self._schedule(self._refresh_at - now)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.called:  # a caller may have given up (cancelled)
                 waiter.callback(token.value)
 
-    def _failed(self, failure: Failure, assertion: str) -> None:
+    def _failed(self, failure: Failure, assertion: str, correlation_id: str) -> None:
         self._inflight = None
         error = self._as_token_error(failure.value)
         if assertion and assertion in error.detail:
@@ -535,37 +627,43 @@ class TokenSource:
                 status=error.status,
                 retryable=error.retryable,
             )
-        self._give_up(error)
+        self._give_up(error, correlation_id)
 
-    def _give_up(self, error: TokenError) -> None:
+    def _give_up(self, error: TokenError, correlation_id: str | None = None) -> None:
+        if self._endpoint not in error.detail:  # name the endpoint once, in every message
+            error = TokenError(
+                f"{self._endpoint}: {error.detail}", status=error.status, retryable=error.retryable
+            )
+        now = self._clock.seconds()
         self._failures += 1
         if self._metrics is not None:
             self._metrics.oauth_token_failures.labels(self._route).inc()
         s = self._settings
-        if error.retryable:
-            base = min(s.retry_max, s.retry_initial * 2.0 ** min(self._failures - 1, 30))
-        else:
-            base = s.rejected_backoff
+        # Every failure backs off alike: a 4xx (D1: not retryable as such) is often fixed by
+        # the operator within seconds, and at 30 s the endpoint sees two calls a minute.
+        base = min(s.retry_max, s.retry_initial * 2.0 ** min(self._failures - 1, 30))
         delay = base * self._random.uniform(1.0 - s.backoff_jitter, 1.0)
-        self._not_before = self._clock.seconds() + delay
+        self._not_before = now + delay
+        self._on_demand_from = now + s.on_demand_interval
         self._last_error = error
+        self._last_fetch = now
         if self._stopped:
             next_attempt = "the route is stopping"
-        elif error.retryable:
-            self._schedule(delay)
-            next_attempt = f"retrying in {delay:.1f} s"
         else:
-            self._cancel_timer()  # a rejected request waits for a caller, see the class doc
-            next_attempt = f"no retry before {delay:.1f} s, and then only when a request needs it"
-        if self._usable(self._clock.seconds()):
-            next_attempt += "; the current token stays in use until it expires"
+            self._schedule(delay)
+            next_attempt = f"next attempt in {delay:.1f} s"
+            if self._usable(now):
+                next_attempt += "; the current token stays in use until it nears expiry"
+            elif delay > s.on_demand_interval:
+                next_attempt += f", or at a request after {s.on_demand_interval:g} s"
         self.log.warn(
-            "route {route}: OAuth token fetch failed ({detail}); failure {failures} in a row, "
-            "{next_attempt}",
+            "route {route}: OAuth token fetch failed: {detail}; failure {failures} in a row, "
+            "{next_attempt}{correlation}",
             route=self._route,
             detail=error.detail,
             failures=self._failures,
             next_attempt=next_attempt,
+            correlation=f" (x-correlation-id {correlation_id})" if correlation_id else "",
         )
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -633,9 +731,7 @@ class _CappedBody(TwistedProtocol):
 
     def _too_large(self) -> None:
         if not self.done.called:
-            self.done.errback(
-                TokenError(f"token endpoint answer exceeds {self.cap} bytes; connection aborted")
-            )
+            self.done.errback(TokenError(f"answer exceeds {self.cap} bytes; connection aborted"))
         self._abort()
 
     def connectionMade(self) -> None:

@@ -45,9 +45,8 @@ class EgressToken:
 
     def _failed(self, failure: Failure) -> list[tuple[bytes, bytes]]:
         if isinstance(failure.value, oauth.TokenError):
-            raise ProxyError(
-                502, "oauth_token_unavailable", f"token endpoint {self.token_url}: {failure.value}"
-            )
+            # The TokenSource's detail names the endpoint and quotes its own error fields.
+            raise ProxyError(502, "oauth_token_unavailable", failure.value.detail)
         failure.raiseException()
         raise AssertionError("unreachable")
 
@@ -88,7 +87,6 @@ def egress_token_source(
         reactor, o.token_url, _RoutePolicy(client), connect_timeout=rc.timeouts.connect
     )
     source = oauth.TokenSource(reactor, settings, fetch, metrics=metrics, route=rc.name)
-    reactor.callWhenRunning(source.start)
     return EgressToken(source, o.token_url)
 
 

@@ -363,6 +363,10 @@ class Sidecar:
                     state.route.peers.clear()  # a new client_ca may verify other chains
         for client, upstream_material in upstream_tls:
             client.material = upstream_material
+        for state in self.routes:  # a fixed cause heals at once: no waiting out the backoff
+            glue = getattr(state.route, "token_source", None)
+            if glue is not None:
+                glue.source.reset_backoff()
         self.metrics.reloads.labels("success").inc()
         self._record_expiry()
         self.log.info("key material reloaded")

@@ -474,6 +474,12 @@ def write_new_file(path: Path, data: bytes, mode: int) -> None:
         fd = os.open(path, flags, mode)
     except FileExistsError:
         raise FileExistsError(f"{path} already exists; refusing to overwrite it") from None
+    except NotADirectoryError:
+        # the OS says only "Not a directory": name the part of the path that is a file
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise NotADirectoryError(f"{path}: {blocker} is a file, not a folder") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: folder {path.parent} does not exist") from None
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)

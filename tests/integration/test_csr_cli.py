@@ -66,10 +66,10 @@ def openssl_req_text(path: Path) -> str:
     return done.stdout
 
 
-def one_line_error(done: subprocess.CompletedProcess[str], command: str) -> str:
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"mtls-sidecar {command}: ")
+    assert lines[0].startswith("mtls-sidecar: error: ")
     return lines[0]
 
 
@@ -122,7 +122,7 @@ def test_second_run_refuses_and_leaves_both_files_untouched(tmp_path: Path) -> N
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     done = csr(tmp_path, "--env", "PPR")
     assert done.returncode == 1
-    line = one_line_error(done, "csr")
+    line = one_line_error(done)
     assert line.endswith("already exists; refusing to overwrite it")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
@@ -131,8 +131,8 @@ def test_existing_csr_file_stops_before_the_key_is_written(tmp_path: Path) -> No
     (tmp_path / "client.csr").write_text("someone else's request\n")
     done = csr(tmp_path, "--env", "PPR", key="new.key")
     assert done.returncode == 1
-    assert one_line_error(done, "csr") == (
-        "mtls-sidecar csr: client.csr already exists; refusing to overwrite it"
+    assert one_line_error(done) == (
+        "mtls-sidecar: error: client.csr already exists; refusing to overwrite it"
     )
     assert not (tmp_path / "new.key").exists()
     assert (tmp_path / "client.csr").read_text() == "someone else's request\n"
@@ -163,7 +163,7 @@ def test_bad_gateway_id_is_refused_before_anything_is_written(tmp_path: Path) ->
     done = sidecar("csr", "--env", "PPR", *args, "--key-out", "k", "--csr-out", "c", cwd=tmp_path)
     assert done.returncode == 1
     assert "gateway id 'MGW_1': D1's merchantGatewayId is exactly 10 characters" in (
-        one_line_error(done, "csr")
+        one_line_error(done)
     )
     assert list(tmp_path.iterdir()) == []
 
@@ -212,7 +212,23 @@ def test_oauth_key_uses_the_given_kid_and_never_overwrites(tmp_path: Path) -> No
     before = (tmp_path / "oauth.key").read_bytes()
     again = sidecar("oauth-key", "--key-out", "oauth.key", cwd=tmp_path)
     assert again.returncode == 1
-    assert one_line_error(again, "oauth-key") == (
-        "mtls-sidecar oauth-key: oauth.key already exists; refusing to overwrite it"
+    assert one_line_error(again) == (
+        "mtls-sidecar: error: oauth.key already exists; refusing to overwrite it"
     )
     assert (tmp_path / "oauth.key").read_bytes() == before
+
+
+def test_write_new_file_names_the_file_in_the_way(tmp_path: Path) -> None:
+    # the last guard, should the path change between the checks and the write
+    (tmp_path / "keys").write_text("not a folder\n")
+    with pytest.raises(NotADirectoryError) as blocked:
+        pki.write_new_file(tmp_path / "keys" / "sub" / "client.key", b"secret", 0o600)
+    assert str(blocked.value) == (
+        f"{tmp_path}/keys/sub/client.key: {tmp_path}/keys is a file, not a folder"
+    )
+    with pytest.raises(FileNotFoundError) as missing:
+        pki.write_new_file(tmp_path / "nowhere" / "client.key", b"secret", 0o600)
+    assert (
+        str(missing.value)
+        == f"{tmp_path}/nowhere/client.key: folder {tmp_path}/nowhere does not exist"
+    )

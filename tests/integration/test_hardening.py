@@ -372,7 +372,7 @@ def test_ingress_answers_it_writes_itself_respect_backpressure(env: Env) -> None
     with running(ing.sidecar):
         request = b"GET /notify HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"p" * 150 + b"\r\n\r\n"
         warm = ing.tls()  # what any first flood allocates once (buffers, log windows)
-        _flood_without_reading(warm, request, 1024 * 1024)
+        _flood_without_reading(warm, request, 40 * 1024 * 1024)
         warm.close()
         time.sleep(0.5)
         s = ing.tls()

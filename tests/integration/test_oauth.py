@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -169,7 +170,47 @@ def test_token_endpoint_answering_400_gives_a_clear_502(env: Env, tmp_path: Path
     body = json.loads(r.body)
     assert body["error"] == "oauth_token_unavailable" and body["route"] == "refused"
     assert "400" in body["detail"] and "invalid_grant" in body["detail"]
-    assert "/authz/v1/oauth2/token" in body["detail"]
+    assert body["detail"].count("/authz/v1/oauth2/token") == 1
+
+
+def test_route_heals_within_2_s_once_a_failing_token_endpoint_recovers(
+    env: Env, tmp_path: Path
+) -> None:
+    record = tmp_path / "stats.jsonl"
+    reason = "key kid-ppr-1 is not registered for MGW0000001"
+    tokens = env.token_server(
+        record, "--fail-status", "400", "--fail-for", "5", "--error-style", "d1",
+        "--error-message", reason,
+    )  # fmt: skip
+    recovered_at = time.monotonic() + 5  # the failing window counts from the LISTENING line
+    sidecar, port = env.egress("heals", tokens.port)
+    refused: list[dict[str, str]] = []
+    healed_at: float | None = None
+    with running(tokens, sidecar.start([("127.0.0.1", port)])):
+        while time.monotonic() < recovered_at + 10:
+            r = curl(f"http://127.0.0.1:{port}/v1/cards")
+            if r.status == 200:
+                healed_at = time.monotonic()
+                break
+            assert r.status == 502, r.body
+            refused.append(json.loads(r.body))
+            time.sleep(0.1)
+    assert healed_at is not None, sidecar.log()
+    heal = healed_at - recovered_at
+    print(f"requests succeed again {heal:.2f} s after the token endpoint recovered")
+    assert heal <= 2.0
+    assert len(refused) >= 10
+    expected = f"answered HTTP 400: invalid_grant ({reason})"
+    for body in refused:
+        assert body["error"] == "oauth_token_unavailable" and body["route"] == "heals"
+        assert expected in body["detail"]
+        assert body["detail"].count("/authz/v1/oauth2/token") == 1
+    assert expected in sidecar.log()
+    calls = stats(record)
+    assert calls[-1]["ok"] is True
+    times = [float(str(c["time"])) for c in calls]
+    # Retries 1 s apart less jitter at most 20%: the endpoint is never hammered.
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.75
 
 
 def test_upstream_401_invalidates_the_token_once(env: Env, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """`mtls-sidecar probe` against real origins: nginx over mutual TLS, a test DNS server and a
-D1-like token endpoint, all on 127.0.0.1."""
+D1-like token endpoint, and our own ingress listener (a sidecar started through its CLI), all on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import attrs
 import pytest
+from cryptography import x509
 
 from tests.harness import (
     PEERS,
     SIDECAR,
     Nginx,
     Peer,
+    Sidecar,
     free_port,
     origin_pki,
     running,
@@ -325,3 +328,130 @@ def test_oauth_endpoint_error_is_reported_and_exit_1(env: Env, tmp_path: Path) -
     assert r.returncode == 1, r.stdout + r.stderr
     assert "OAuth token:" in r.stdout and "FAILED" in r.stdout
     assert "answered HTTP 400: invalid_grant" in r.stdout
+
+
+# --------------------------------------------------------------------------- ingress
+@attrs.frozen
+class Ingress:
+    port: int
+    client_cas: list[str]  # the subjects in the route's client_ca bundle, in file order
+
+
+def ingress_route(name: str, listen: str, client_ca: str = "client-cas.pem") -> str:
+    return f"""
+    [[ingress]]
+    name = "{name}"
+    listen = "{listen}"
+    server_cert = "origin.pem"
+    server_key = "origin.key"
+    client_ca = "{client_ca}"
+    upstream = "http://127.0.0.1:{free_port()}"
+    server_name = "localhost"
+    """
+
+
+@pytest.fixture(scope="module")
+def ingress(env: Env) -> Iterator[Ingress]:
+    """A sidecar serving the test PKI's origin.pem (under Origin Root, in no root program) and
+    asking clients for two CAs, one with RFC 4514 specials in its name."""
+    partner = make_ca("C=FR,O=Partner+Co;EU,CN=Partner Client CA")
+    bundle = env.dir / "client-cas.pem"
+    bundle.write_bytes((env.dir / "client-ca.pem").read_bytes() + partner.cert_pem())
+    subjects = [
+        c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(bundle.read_bytes())
+    ]
+    port = free_port()
+    conf = write_config(
+        env.dir / "ingress-run.toml", ingress_route("d1-callbacks", f"127.0.0.1:{port}")
+    )
+    sidecar = Sidecar(conf).start([("127.0.0.1", port)])
+    with running(sidecar):
+        yield Ingress(port, subjects)
+
+
+def test_ingress_probe_says_the_served_chain_does_not_build_to_a_mozilla_root(
+    env: Env, ingress: Ingress
+) -> None:
+    r = probe(env.dir / "ingress-run.toml")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"dialed 127.0.0.1:{ingress.port} as the partner would" in r.stdout
+    assert re.search(r"TLS: +TLSv1\.[23], [A-Z0-9_-]+, ALPN http/1\.1", r.stdout), r.stdout
+    assert re.search(r"served chain \[0\]: +subject CN=localhost", r.stdout), r.stdout
+    assert "issuer CN=Origin Root,O=Origin PKI,C=FR" in r.stdout
+    assert re.search(
+        r"Mozilla root: +NO: the served chain does not build to a Mozilla root", r.stdout
+    )
+    assert "Mozilla bundle (certifi)" in r.stdout
+    assert re.search(r"name: +localhost matches", r.stdout), r.stdout
+    assert "the served certificate is the route's server_cert" in r.stdout
+    # the probe presents no client certificate, and says so; the listener refuses it
+    assert re.search(r"client certificate: +none presented", r.stdout), r.stdout
+    assert re.search(r"client auth: +required: the listener refused the connection", r.stdout)
+    assert r.stdout.rstrip().splitlines()[-1].split() == ["result:", "FAILED"]
+
+
+def test_ingress_probe_lists_the_client_ca_names_we_ask_for(env: Env, ingress: Ingress) -> None:
+    r = probe(env.dir / "ingress-run.toml", "d1-callbacks", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    (route,) = r.json()["routes"]  # type: ignore[misc]
+    assert route["direction"] == "ingress" and route["name"] == "d1-callbacks"
+    assert route["client_cas"] == ingress.client_cas
+    assert ingress.client_cas[0] == "CN=Client CA,O=Thales-like,C=FR"
+    assert ingress.client_cas[1] == "CN=Partner Client CA,O=Partner\\+Co\\;EU,C=FR"
+    assert route["cert_requested"] is True and route["client_cert_required"] is True
+    assert route["mozilla_root"] is False and route["ok"] is False
+    assert "does not build to a Mozilla root" in route["verification"]
+    assert "unable to get local issuer certificate" in route["verification"]
+    assert route["served_chain"][0]["subject"] == "CN=localhost"
+    assert route["tls_version"] in ("TLSv1.2", "TLSv1.3") and route["alpn"] == "http/1.1"
+    r_text = probe(env.dir / "ingress-run.toml")
+    assert re.search(
+        r"client CAs asked: +" + re.escape("; ".join(ingress.client_cas)) + "$", r_text.stdout, re.M
+    ), r_text.stdout
+
+
+def test_probe_without_a_route_name_probes_egress_and_ingress_routes(
+    env: Env, ingress: Ingress
+) -> None:
+    conf = write_config(
+        env.dir / "both.toml",
+        f"""
+        [[egress]]
+        name = "to-origin"
+        listen = "127.0.0.1:{free_port()}"
+        upstream = "https://localhost:{env.ports["good"]}"
+        client_cert = "client.pem"
+        client_key = "client.key"
+        trust = "server-ca.pem"
+        """
+        # a wildcard listener is dialed on loopback, where the sidecar listens
+        + ingress_route("from-partner", f"0.0.0.0:{ingress.port}"),
+    )
+    doc = probe(conf, "--json").json()
+    routes = doc["routes"]
+    assert [(r["name"], r["direction"]) for r in routes] == [  # type: ignore[index]
+        ("to-origin", "egress"),
+        ("from-partner", "ingress"),
+    ]
+    assert routes[0]["ok"] is True  # type: ignore[index]
+    assert routes[1]["address"] == f"127.0.0.1:{ingress.port}"  # type: ignore[index]
+    assert routes[1]["client_cas"] == ingress.client_cas  # type: ignore[index]
+    assert doc["ok"] is False  # the ingress chain is under a test root
+    one = probe(conf, "from-partner")
+    assert "ingress from-partner" in one.stdout and "egress" not in one.stdout
+
+
+def test_socket_activated_ingress_listener_is_not_probed_and_says_why(env: Env) -> None:
+    conf = write_config(env.dir / "systemd.toml", ingress_route("d1", "systemd:d1-https"))
+    r = probe(conf)
+    assert r.returncode == 1, r.stdout + r.stderr  # nothing could be probed: nothing confirmed
+    assert "systemd:d1-https is a socket systemd hands over" in r.stdout
+    assert "cannot be probed from here" in r.stdout
+    assert re.search(r"result: +not probed", r.stdout), r.stdout
+
+
+def test_ingress_listener_that_is_not_running_reports_connection_refused(env: Env) -> None:
+    conf = write_config(env.dir / "down.toml", ingress_route("down", f"127.0.0.1:{free_port()}"))
+    r = probe(conf)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(r"TCP: +connection refused \(is the sidecar running", r.stdout), r.stdout

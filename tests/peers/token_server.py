@@ -2,13 +2,17 @@
 
     python tests/peers/token_server.py --port 0 --cert C --key K --client-ca CA \\
         --public-key PUB --expires-in 900 --stats FILE [--audience AUD] [--fail-status 400]
+        [--fail-for SECONDS] [--error-style rfc6749|d1] [--error-message TEXT]
 
 ``POST /authz/v1/oauth2/token`` checks the RFC 7523 JWT-bearer grant as D1 does (ES256 only,
 kid, iss, exp at most 900 s after iat, iat not in the future, jti not replayed, aud when asked
 for, x-correlation-id present and well formed), in a form or JSON body. ``GET
 /introspect?token=T`` answers 200 while T is a live token issued here, 401 otherwise. Every
-token call appends one JSON line to --stats. Prints ``LISTENING <port>`` once ready; SIGTERM
-stops it with exit status 0.
+token call appends one JSON line to --stats. With --fail-status, a well-formed call is refused
+with that status (for --fail-for seconds from start, then answered again), and the error body
+uses RFC 6749's ``error``/``error_description`` or, with --error-style d1, D1's
+``errorCode``/``errorMessage``. Prints ``LISTENING <port>`` once ready; SIGTERM stops it with
+exit status 0.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ class TokenServer:
         self.audience: str | None = args.audience
         self.expires_in: int = args.expires_in
         self.fail_status: int | None = args.fail_status
+        self.fail_for: float | None = getattr(args, "fail_for", None)
+        self.fail_until: float | None = None
+        self.listening()
+        self.error_style: str = getattr(args, "error_style", None) or "rfc6749"
+        self.error_message: str = getattr(args, "error_message", None) or "configured to fail"
         self.stats = Path(args.stats) if args.stats else None
         self.seen_jti: dict[str, float] = {}
         self.issued: dict[str, float] = {}
@@ -65,7 +74,7 @@ class TokenServer:
     def record(self, **fields: Any) -> None:
         if self.stats is not None:
             with self.stats.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(fields) + "\n")
+                f.write(json.dumps({**fields, "time": time.time()}) + "\n")
 
     def token_call(self, request: Request) -> tuple[int, dict[str, Any]]:
         seen: dict[str, Any] = {"kid": None, "iss": None, "correlation_id": None}
@@ -74,14 +83,27 @@ class TokenServer:
         except Refused as e:
             self.record(ok=False, error=e.error, token_issued=False, **seen)
             return 400, {"error": e.error, "error_description": e.description}
-        if self.fail_status is not None:
+        if self.failing():
+            assert self.fail_status is not None
             error = ERRORS.get(self.fail_status, "server_error")
             self.record(ok=False, error=error, token_issued=False, **seen)
-            return self.fail_status, {"error": error, "error_description": "configured to fail"}
+            if self.error_style == "d1":
+                return self.fail_status, {"errorCode": error, "errorMessage": self.error_message}
+            return self.fail_status, {"error": error, "error_description": self.error_message}
         token = secrets.token_urlsafe(32)
         self.issued[token] = time.time() + self.expires_in
         self.record(ok=True, error=None, token_issued=True, **seen)
         return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in}
+
+    def listening(self) -> None:
+        """Start the --fail-for window (again): it counts from the LISTENING line."""
+        if self.fail_for is not None:
+            self.fail_until = time.monotonic() + self.fail_for
+
+    def failing(self) -> bool:
+        if self.fail_status is None:
+            return False
+        return self.fail_until is None or time.monotonic() < self.fail_until
 
     def check(self, request: Request, seen: dict[str, Any]) -> None:
         cid = (request.getHeader(b"x-correlation-id") or b"").decode("latin-1")
@@ -200,13 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--public-key", required=True)
     p.add_argument("--expires-in", type=int, default=900)
     p.add_argument("--fail-status", type=int)
+    p.add_argument("--fail-for", type=float, help="fail only this many seconds after start")
+    p.add_argument("--error-style", choices=("rfc6749", "d1"), default="rfc6749")
+    p.add_argument("--error-message", help="the error_description / errorMessage to answer")
     p.add_argument("--audience")
     p.add_argument("--stats")
     args = p.parse_args(argv)
-    site = Site(Root(TokenServer(args)))
+    server = TokenServer(args)
+    site = Site(Root(server))
     site.displayTracebacks = False
     options = tls_options(Path(args.cert), Path(args.key), Path(args.client_ca))
     port = reactor.listenSSL(args.port, site, options, interface="127.0.0.1")
+    server.listening()
     print(f"LISTENING {port.getHost().port}", flush=True)
     reactor.run()  # SIGTERM stops the reactor, and main returns 0
     return 0

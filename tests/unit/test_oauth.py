@@ -6,6 +6,7 @@ import argparse
 import base64
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -437,7 +438,7 @@ def test_refresh_is_never_later_than_30_s_before_expiry() -> None:
     assert len(fetch.calls) == 2
 
 
-def test_failed_refresh_keeps_serving_the_old_token_until_it_expires() -> None:
+def test_failed_refresh_keeps_serving_the_old_token_until_30_s_before_expiry() -> None:
     clock, fetch, source = make_source(position=0.5)
     source.start()
     fetch.answer(token_answer("tok-1", 900))
@@ -445,10 +446,10 @@ def test_failed_refresh_keeps_serving_the_old_token_until_it_expires() -> None:
     clock.advance(720)  # refresh starts and fails
     assert len(fetch.calls) == 2
     assert result_of(source.token()) == "tok-1"
-    clock.pump([1] * 170)  # background retries keep failing; t = 890
+    clock.pump([1] * 149 + [0.9])  # background retries keep failing; t = 869.9
     assert len(fetch.calls) > 3
     assert result_of(source.token()) == "tok-1"
-    clock.advance(10)  # t = 900: expired
+    clock.advance(0.1)  # t = 870: too close to expiry to reach the upstream in time
     error = failure_of(source.token()).value
     assert isinstance(error, TokenError)
     assert "503" in str(error) and "temporarily_unavailable" in str(error)
@@ -481,20 +482,18 @@ def test_callers_during_backoff_fail_at_once_without_a_new_fetch() -> None:
     assert len(fetch.calls) == 1
 
 
-def test_a_400_gets_the_longer_backoff_and_no_background_retry() -> None:
+def test_a_400_is_retried_1_s_later_like_any_failure() -> None:
     clock, fetch, source = make_source(position=1.0)
     fetch.auto = (400, b'{"error":"invalid_grant","error_description":"kid unknown"}')
+    source.start()
     failed = failure_of(source.token()).value
     assert isinstance(failed, TokenError)
     assert "400" in str(failed) and "invalid_grant" in str(failed)
-    assert clock.getDelayedCalls() == []
-    clock.advance(59)
-    failure_of(source.token())
     assert len(fetch.calls) == 1
+    fetch.auto = token_answer("tok-1")  # the operator fixed the cause
     clock.advance(1)
-    fetch.auto = token_answer("tok-1")
+    assert fetch.times == [0, 1]
     assert result_of(source.token()) == "tok-1"
-    assert len(fetch.calls) == 2
 
 
 def test_a_token_endpoint_that_never_answers_times_out() -> None:
@@ -583,18 +582,250 @@ def test_nothing_logged_contains_the_token_or_the_assertion() -> None:
         clock, fetch, source = make_source()
         source.start()
         assertion = fetch.assertion()
-        fetch.answer((400, json.dumps({"error": "invalid_grant", "x": assertion}).encode()))
-        clock.advance(60)
-        waiting = source.token()
+        echoed = {"error": "invalid_grant", "error_description": f"refused {assertion}"}
+        fetch.answer((400, json.dumps(echoed).encode()))
+        clock.advance(1)  # the retry
         fetch.answer(token_answer("tok-very-secret"))
-        assert result_of(waiting) == "tok-very-secret"
+        assert result_of(source.token()) == "tok-very-secret"
+        assert "tok-very-secret" not in repr(source.state())
     finally:
         globalLogPublisher.removeObserver(events.append)
     from twisted.logger import formatEvent
 
     text = "\n".join(formatEvent(e) for e in events)
-    assert "OAuth token obtained" in text
+    assert "OAuth token obtained" in text and "refused [redacted]" in text
     assert "tok-very-secret" not in text and assertion not in text
+
+
+# --------------------------------------------------------------------------- failures that heal
+
+
+def test_after_failures_the_retries_follow_1_2_4_up_to_30_s_whatever_the_status() -> None:
+    for status in (400, 503):
+        clock, fetch, source = make_source(position=1.0)  # jitter factor 1.0: the full delay
+        fetch.auto = (status, b'{"error":"invalid_grant"}')
+        source.start()
+        for _ in range(8):
+            advance_to_next_call(clock)
+        gaps = [b - a for a, b in itertools.pairwise(fetch.times)]
+        assert gaps == [1, 2, 4, 8, 16, 30, 30, 30], status
+
+
+def retry_gaps(random: Random, retries: int) -> list[float]:
+    """The delays between the fetches of a source whose endpoint always answers 400."""
+    clock = Clock()
+    fetch = FakeFetch(clock)
+    fetch.auto = (400, b'{"errorCode":"invalid_grant"}')
+    TokenSource(clock, oauth_settings(), fetch, route="d1-ppr", random=random).start()
+    for _ in range(retries):
+        advance_to_next_call(clock)
+    return [b - a for a, b in itertools.pairwise(fetch.times)]
+
+
+def test_retry_jitter_keeps_each_delay_between_80_and_100_percent_of_its_step() -> None:
+    steps = [1, 2, 4, 8, 16, 30, 30, 30]
+    assert retry_gaps(FixedRandom(1.0), len(steps)) == steps
+    assert retry_gaps(FixedRandom(0.0), len(steps)) == pytest.approx([0.8 * s for s in steps])
+    for seed in range(20):
+        gaps = retry_gaps(Random(seed), len(steps))
+        for gap, step in zip(gaps, steps, strict=True):
+            assert 0.8 * step - 1e-9 <= gap <= step + 1e-9, (seed, gaps)
+
+
+def test_a_request_without_a_token_fetches_at_once_when_the_last_try_is_1_s_old() -> None:
+    clock, fetch, source = make_source(position=1.0)
+    fetch.auto = (400, b'{"errorCode":"E1","errorMessage":"kid unknown"}')
+    source.start()
+    for _ in range(4):
+        advance_to_next_call(clock)  # t = 15: the next background retry is 16 s away
+    assert fetch.times == [0, 1, 3, 7, 15]
+    clock.advance(0.9)
+    early = failure_of(source.token()).value  # the last try is 0.9 s old: no new fetch
+    assert isinstance(early, TokenError) and "kid unknown" in str(early)
+    assert len(fetch.calls) == 5
+    clock.advance(0.1)
+    fetch.auto = None  # the endpoint is fixed; its answer takes a moment
+    waiting = [source.token() for _ in range(20)]  # concurrent requests share one fetch
+    assert fetch.times == [0, 1, 3, 7, 15, 16]
+    assert not any(d.called for d in waiting)
+    fetch.answer(token_answer("tok-1"))
+    assert [result_of(d) for d in waiting] == ["tok-1"] * 20
+    assert len(fetch.calls) == 6
+
+
+def test_on_demand_fetches_come_at_most_once_a_second_under_steady_traffic() -> None:
+    clock, fetch, source = make_source(position=1.0)
+    fetch.auto = (400, b'{"error":"invalid_grant"}')
+    source.start()
+    for _ in range(50):  # a request every 0.1 s for 5 s
+        clock.advance(0.1)
+        failure_of(source.token())
+    gaps = [b - a for a, b in itertools.pairwise(fetch.times)]
+    assert all(gap >= 1 - 1e-9 for gap in gaps)
+    assert 4 <= len(fetch.calls) <= 6
+
+
+def test_a_token_close_to_expiry_is_never_handed_out() -> None:
+    clock, fetch, source = make_source(position=0.5)
+    source.start()
+    fetch.answer(token_answer("tok-1", 900))
+    fetch.auto = (503, b"{}")  # every refresh fails
+    handed: list[tuple[float, str]] = []
+    while clock.seconds() < 1000:
+        d = source.token()
+        box: list[Any] = []
+        d.addBoth(box.append)
+        if box and isinstance(box[0], str):
+            handed.append((clock.seconds(), box[0]))
+        clock.advance(0.5)
+    assert handed and all(value == "tok-1" for _, value in handed)
+    assert max(t for t, _ in handed) < 900 - 30  # 30 s left for DNS and connect
+
+
+def test_a_token_that_arrives_too_late_to_be_used_is_not_sent() -> None:
+    clock, fetch, source = make_source()
+    waiting = source.token()
+    clock.advance(9)  # a slow endpoint ...
+    fetch.answer(token_answer("tok-short", 8))  # ... answers a token already expired
+    error = failure_of(waiting).value
+    assert isinstance(error, TokenError) and "too late" in str(error)
+    assert "tok-short" not in str(error)
+    fetch.auto = token_answer("tok-2", 900)
+    clock.advance(1)  # the retry
+    assert result_of(source.token()) == "tok-2"
+
+
+def test_short_lived_tokens_keep_a_quarter_of_their_life_as_margin() -> None:
+    clock, fetch, source = make_source()
+    source.start()
+    fetch.answer(token_answer("tok-1", 4))
+    fetch.auto = (503, b"{}")
+    clock.advance(2.9)
+    assert result_of(source.token()) == "tok-1"
+    clock.advance(0.1)
+    assert isinstance(failure_of(source.token()).value, TokenError)
+
+
+def test_reset_backoff_starts_over_at_1_s_and_fetches_at_once() -> None:
+    clock, fetch, source = make_source(position=1.0)
+    fetch.auto = (400, b'{"error":"invalid_grant"}')
+    source.start()
+    for _ in range(6):
+        advance_to_next_call(clock)
+    assert fetch.times[-2:] == [31, 61]  # the backoff is at its 30 s cap
+    clock.advance(0.2)
+    source.reset_backoff()  # the operator fixed the key and reloaded
+    assert fetch.times[-1] == pytest.approx(61.2)
+    advance_to_next_call(clock)  # that try failed too: the next is 1 s later, not 30 s
+    assert fetch.times[-1] == pytest.approx(62.2)
+    fetch.auto = token_answer("tok-1")
+    source.reset_backoff()
+    assert result_of(source.token()) == "tok-1"  # fetched at the reset, not 1 s later
+    assert fetch.times[-1] == pytest.approx(62.2)
+
+
+def test_reset_backoff_leaves_a_healthy_route_alone() -> None:
+    _, fetch, source = make_source()
+    source.start()
+    fetch.answer(token_answer("tok-1"))
+    source.reset_backoff()
+    assert len(fetch.calls) == 1
+    assert result_of(source.token()) == "tok-1"
+
+
+def test_state_shows_validity_last_fetch_and_last_error_never_the_token() -> None:
+    clock, fetch, source = make_source()
+    clock.advance(1_700_000_000)
+    assert source.state() == {"valid_until": None, "last_fetch": None, "last_error": None}
+    source.start()
+    fetch.answer((400, b'{"errorCode":"E_KID","errorMessage":"kid unknown"}'))
+    failed = source.state()
+    assert failed["valid_until"] is None and failed["last_fetch"] == 1_700_000_000
+    assert failed["last_error"] is not None and "E_KID (kid unknown)" in failed["last_error"]
+    advance_to_next_call(clock)  # the retry
+    clock.advance(0.25)  # the endpoint takes its time to answer
+    fetch.answer(token_answer("tok-secret-value", 900))
+    retried = fetch.times[-1]
+    ok = source.state()
+    assert ok == {
+        "valid_until": retried + 900 - 30,  # the expiry as counted from the request, less 30 s
+        "last_fetch": retried + 0.25,
+        "last_error": None,
+    }
+    assert "tok-secret-value" not in repr(ok)
+
+
+# --------------------------------------------------------------------------- the endpoint's words
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {"error": "invalid_grant", "error_description": "kid unknown"},
+            "answered HTTP 400: invalid_grant (kid unknown)",
+        ),
+        (
+            {"errorCode": "INVALID_ASSERTION", "errorMessage": "signature does not verify"},
+            "answered HTTP 400: INVALID_ASSERTION (signature does not verify)",
+        ),
+        ({"errorCode": 40012, "errorMessage": "iss unknown"}, "HTTP 400: 40012 (iss unknown)"),
+        ({"errorMessage": "clock skew"}, "answered HTTP 400 (clock skew)"),
+        ({"status": "nope"}, "answered HTTP 400 with no error fields in its JSON body"),
+        (
+            {"errorCode": "ERR_ASSERTION_SIGNATURE_KEY_NOT_REGISTERED", "errorMessage": "x"},
+            "ERR_ASSERTION_SIGNATURE_KEY_NOT_REGISTERED (x)",
+        ),
+    ],
+)
+def test_error_detail_quotes_rfc_6749_or_d1_error_fields(
+    body: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(TokenError) as info:
+        parse_token_response(400, json.dumps(body).encode(), 0.0, endpoint=f"endpoint {URL}")
+    assert expected in info.value.detail
+    assert info.value.detail.count(URL) == 1
+
+
+def test_error_fields_are_cut_made_printable_and_echoed_secrets_redacted() -> None:
+    secret = "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJNR1cifQ.c2lnbmF0dXJlLWJ5dGVz"
+    body = {
+        "errorCode": "BAD\r\nX-Injected: 1",
+        "errorMessage": f"assertion {secret} refused \u00e9\x07 " + "w" * 500,
+    }
+    with pytest.raises(TokenError) as info:
+        parse_token_response(400, json.dumps(body).encode(), 0.0)
+    detail = info.value.detail
+    assert "BAD??X-Injected: 1" in detail
+    assert secret not in detail and "[redacted] refused ??" in detail
+    assert all(" " <= c <= "~" for c in detail)
+    assert detail.endswith("...)") and len(detail) < 400
+
+
+def test_the_log_line_and_the_502_detail_carry_the_endpoints_error_fields() -> None:
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from proxy.oauth.glue import EgressToken
+    from proxy.wire.http import ProxyError
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        _, fetch, source = make_source()
+        fetch.auto = (400, b'{"errorCode":"E_KID","errorMessage":"key id kid-ppr-1 unknown"}')
+        failure = failure_of(EgressToken(source, URL).headers())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    error = failure.value
+    assert isinstance(error, ProxyError)
+    assert error.status == 502 and error.code == "oauth_token_unavailable"
+    assert error.detail == (
+        f"token endpoint {URL} answered HTTP 400: E_KID (key id kid-ppr-1 unknown)"
+    )
+    line = "\n".join(formatEvent(e) for e in events if "fetch failed" in formatEvent(e))
+    assert "answered HTTP 400: E_KID (key id kid-ppr-1 unknown)" in line
+    assert "next attempt in" in line and "x-correlation-id" in line
+    assert line.count(URL) == 1
 
 
 # --------------------------------------------------------------------------- AgentFetcher body cap
