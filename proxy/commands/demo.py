@@ -32,7 +32,7 @@ from proxy.telemetry.logs import AccessLog
 from proxy.tls import pki
 from proxy.tls.throwaway import Issued, make_ca, write_ca
 
-GATEWAY_ID = "MGW0000001"
+GATEWAY_ID = "MGW_000001"
 KEY_ID = "demo-es256-1"
 OUT = print
 

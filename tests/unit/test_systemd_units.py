@@ -20,6 +20,7 @@ pytestmark = [
 UNITS = Path(__file__).parents[2] / "systemd"
 SERVICE = "mtls-sidecar.service"
 SOCKET = "mtls-sidecar.socket"
+EGRESS_SOCKET = "mtls-sidecar-egress.socket"
 # Measured with systemd 252 (Debian 12). Every hardening line that systemd scores counts, so
 # this is the unit's own level, not a loose ceiling: dropping one line must fail the test.
 EXPOSURE_THRESHOLD = 1.1
@@ -39,12 +40,14 @@ def installed_copy(directory: Path) -> Path:
     service = service.replace("ExecStart=/usr/local/bin/mtls-sidecar", f"ExecStart={command}")
     (directory / SERVICE).write_text(service)
     shutil.copy(UNITS / SOCKET, directory / SOCKET)
+    shutil.copy(UNITS / EGRESS_SOCKET, directory / EGRESS_SOCKET)
     return directory / SERVICE
 
 
 def verify(directory: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["systemd-analyze", "verify", str(directory / SERVICE), str(directory / SOCKET)],
+        ["systemd-analyze", "verify", str(directory / SERVICE), str(directory / SOCKET),
+         str(directory / EGRESS_SOCKET)],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=60,
