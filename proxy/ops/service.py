@@ -43,6 +43,11 @@ class RouteState:
     port: IListeningPort | None = None
 
 
+def adopted_key(where: cfg.Listen) -> str:
+    """The key under which a socket bound by a supervisor for `where` is passed to a worker."""
+    return f"={where}"
+
+
 def key_material_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
     if isinstance(route, cfg.EgressRoute):
         paths = [route.client_cert, route.client_key, route.trust]
@@ -283,6 +288,11 @@ class Sidecar:
             self.notifier.ready(f"{len(self.routes)} routes")
 
     def _listen(self, where: cfg.Listen, factory: Any, inherited: Mapping[str, list[int]]) -> Any:
+        passed = inherited.get(adopted_key(where))
+        if passed:  # a worker: the supervisor bound it and passed the socket down
+            from proxy.ops.systemd import adopt_listener
+
+            return adopt_listener(self.reactor, passed[0], factory)
         if where.kind == "tcp":
             return self.reactor.listenTCP(where.port, factory, backlog=1024, interface=where.host)
         if where.kind == "unix":
