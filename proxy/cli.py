@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import attrs
+
 ERROR_PREFIX = "mtls-sidecar: error:"  # every failure the CLI itself prints starts with it
 
 
@@ -62,8 +64,23 @@ def _run(args: argparse.Namespace) -> int:
         for f in problems:
             print(f"mtls-sidecar: {f}", file=sys.stderr)
         return 2
+    from proxy.ops import worker
+
+    if config.service.workers > 1 and not worker.is_worker(environ):
+        from proxy.ops.supervisor import run_supervisor
+
+        raise_fd_limit()
+        return run_supervisor(config, inherited, environ, args.log_level)
     notifier = Notifier(environ)
-    sidecar = Sidecar(config, reactor, notifier=notifier)
+    channel = None
+    if worker.is_worker(environ):
+        channel = _worker_channel(reactor, environ, inherited)
+        # the supervisor serves the admin listener and watches the files
+        config = attrs.evolve(
+            config, admin=None, service=attrs.evolve(config.service, reload_interval=0.0)
+        )
+    remote = None if channel is None else worker.token_sources(channel, reactor)
+    sidecar = Sidecar(config, reactor, notifier=notifier, remote_tokens=remote)
     try:
         sidecar.build()
     except tls.MaterialError as e:
@@ -86,6 +103,13 @@ def _run(args: argparse.Namespace) -> int:
             reactor.stop()  # type: ignore[attr-defined]
             return
         install_signal_handlers(reactor, sidecar, lambda code: result.update(code=code))
+        if channel is not None:
+            from proxy.ops import worker
+
+            def orphaned() -> None:  # the supervisor is gone: drain and leave
+                sidecar.stop().addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+
+            worker.serve(channel, sidecar, orphaned)
         settle_heap()
         from proxy.ops.systemd import watchdog_interval
 
@@ -98,6 +122,16 @@ def _run(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(started)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return result["code"]
+
+
+def _worker_channel(reactor: Any, environ: dict[str, str], inherited: dict[str, list[int]]) -> Any:
+    from proxy.ops import worker
+    from proxy.ops.channel import Channel
+
+    inherited.update(worker.passed_listeners(environ))
+    channel = Channel({})
+    worker.connect(reactor, environ, channel)
+    return channel
 
 
 def raise_fd_limit() -> None:

@@ -134,7 +134,13 @@ class EgressRoute:
 
 @attrs.frozen
 class IngressOAuth:
+    """The hosted token endpoint: RFC 9068 JWT access tokens signed with ES256."""
+
     clients_file: Path
+    signing_key: Path  # P-256 key that signs the tokens issued here
+    verify_keys: tuple[Path, ...] = ()  # keys whose tokens are accepted too (rotation)
+    issuer: str = "mtls-sidecar"  # the tokens' iss
+    audience: str | None = None  # the tokens' aud; None: the route's name
     token_path: str = "/oauth2/token"
     token_lifetime: float = 900.0
     forward_authorization: bool = False  # pass the validated bearer token on to the app
@@ -178,6 +184,7 @@ class ServiceConfig:
     log_format: str = "json"
     access_log: bool = True
     log_level: str = "info"  # debug | info | warn | error
+    workers: int = 1  # > 1: a supervisor and this many worker processes on shared sockets
 
 
 @attrs.frozen
@@ -210,6 +217,15 @@ def parse_size(value: object) -> int:
             unit = (m.group(2) or "").lower()
             return int(float(m.group(1)) * _UNITS[unit])
     raise _Bad(f"expected a size in bytes or a string like '10MiB', got {value!r}")
+
+
+def _workers(value: object) -> int:
+    """A worker count, or "auto": one per CPU this process may run on."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise _Bad(f'expected a number of workers from 1 to 256 or "auto", got {value!r}')
+    return value
 
 
 def parse_duration(value: object) -> float:
@@ -548,16 +564,42 @@ class _Loader:
 
     def ingress_oauth(self, r: _Reader) -> IngressOAuth | None:
         clients = r.require("clients_file", self.file)
+        signing_key = r.require("signing_key", self.file)
+        verify_keys: list[Path] = []
+        listed: tuple[str, ...] = r.get("verify_keys", _str_list, None) or ()
+        for i, text in enumerate(listed):
+            try:
+                verify_keys.append(self.file(text))
+            except _Bad as e:
+                r.error(f"verify_keys[{i}]", str(e))
+        issuer = r.get("issuer", _str, "mtls-sidecar")
+        audience = r.get("audience", _str)
+        bad = False
+        for name, value in (("issuer", issuer), ("audience", audience)):
+            if value is not None and (not value or not value.isprintable()):
+                r.error(name, "must be a non-empty printable string")
+                bad = True
         path = r.get("token_path", _str, "/oauth2/token") or "/oauth2/token"
         if not path.startswith("/"):
             r.error("token_path", "must start with '/'")
         lifetime = r.get("token_lifetime", parse_duration, None)
-        if lifetime == 0:
-            r.error("token_lifetime", "must be greater than 0")
-        lifetime = lifetime or 900.0
+        if lifetime is not None and lifetime < 1:
+            r.error("token_lifetime", "must be at least 1 (seconds)")
+            lifetime = None
         forward = bool(r.get("forward_authorization", _bool, False))
         r.finish()
-        return IngressOAuth(clients, path, lifetime, forward) if clients else None
+        if bad or not (clients and signing_key) or len(verify_keys) != len(listed):
+            return None
+        return IngressOAuth(
+            clients_file=clients,
+            signing_key=signing_key,
+            verify_keys=tuple(verify_keys),
+            issuer=issuer or "mtls-sidecar",
+            audience=audience,
+            token_path=path,
+            token_lifetime=lifetime or 900.0,
+            forward_authorization=forward,
+        )
 
     def service(self, root: _Reader) -> ServiceConfig:
         d = ServiceConfig()
@@ -570,7 +612,9 @@ class _Loader:
             log.finish()
         svc = root.sub("service")
         drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
+        workers = d.workers
         if svc:
+            workers = svc.get("workers", _workers, workers) or workers
             value = svc.get("drain_timeout", parse_duration, None)
             drain = drain if value is None else value  # 0: close at once on SIGTERM
             reload_s = svc.get("reload_interval", parse_duration, reload_s) or 0.0
@@ -596,6 +640,7 @@ class _Loader:
             log_format=fmt,
             access_log=access,
             log_level=level,
+            workers=workers,
         )
 
 

@@ -56,7 +56,8 @@ def key_material_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
     else:
         paths = [route.server_cert, route.server_key, route.client_ca, route.upstream_trust]
         if route.oauth:
-            paths.append(route.oauth.clients_file)
+            o = route.oauth
+            paths += [o.clients_file, o.signing_key, *o.verify_keys]
     return [p for p in paths if p is not None]
 
 
@@ -84,12 +85,14 @@ class Sidecar:
         metrics: Metrics | None = None,
         access_log: AccessLog | None = None,
         notifier: Any = None,
+        remote_tokens: Any = None,  # a worker: route name -> token source held by the supervisor
     ) -> None:
         self.config = config
         self.reactor = reactor
         self.metrics = metrics or Metrics.create()
         self.access_log = access_log or AccessLog(None, config.service.access_log)
         self.notifier = notifier
+        self.remote_tokens = remote_tokens
         self.routes: list[RouteState] = []
         self.admin_port: IListeningPort | None = None
         self.draining = False
@@ -131,6 +134,7 @@ class Sidecar:
             close_grace=r.timeouts.close_grace,
             on_connect=lambda result: self._connected(name, result),
             on_handshake_error=lambda detail: handshakes.labels(name, _reason_label(detail)).inc(),
+            on_handshake=lambda kind: self.metrics.upstream_tls_handshakes.labels(name, kind).inc(),
         )
         self.metrics.watch_pool(name, pool.states)
         return pool
@@ -143,7 +147,10 @@ class Sidecar:
         if rc.oauth is not None:
             from proxy.oauth.glue import egress_token_source
 
-            token_source = egress_token_source(self.reactor, self.metrics, rc, client)
+            if self.remote_tokens is not None:
+                token_source = self.remote_tokens(rc.name)
+            else:
+                token_source = egress_token_source(self.reactor, self.metrics, rc, client)
         route = Egress(
             rc,
             token_source=token_source,
@@ -433,6 +440,8 @@ class Sidecar:
 
 def _token_state(route: Route) -> dict[str, Any] | None:
     glue = getattr(route, "token_source", None)
+    if getattr(glue, "remote", False):
+        return None  # held by the supervisor, which reports it
     state = getattr(getattr(glue, "source", None), "state", None)
     return dict(state()) if state is not None else None
 
