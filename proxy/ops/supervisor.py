@@ -38,7 +38,7 @@ from proxy import config as cfg
 from proxy.oauth import glue
 from proxy.ops import audit
 from proxy.ops.channel import Channel, ChannelFactory
-from proxy.ops.service import adopted_key
+from proxy.ops.service import _signature, adopted_key, key_material_paths
 from proxy.ops.worker import CHANNEL_FD_ENV, LISTEN_FDS_ENV, WORKER_ENV
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
@@ -135,6 +135,9 @@ class Supervisor:
         self.exit_code = 0
         self.admin_port: Any = None
         self.draining = False
+        self.reloading = False
+        self.watched: tuple[Any, ...] = ()
+        self.watcher: task.LoopingCall | None = None
 
     # ---- start
     def start(self) -> defer.Deferred[None]:
@@ -150,6 +153,12 @@ class Supervisor:
         def up(_: object) -> None:
             for source in self.tokens.values():
                 source.source.start()
+            self.watched = self._files()
+            interval = self.config.service.reload_interval
+            if interval > 0:
+                self.watcher = task.LoopingCall(self._watch)
+                self.watcher.clock = self.reactor
+                self.watcher.start(interval, now=False)
             self.log.info("{n} workers ready (generation {g})", n=len(self.workers),
                           g=self.generation)  # fmt: skip
             if self.notifier is not None:
@@ -332,7 +341,34 @@ class Supervisor:
         return {}
 
     # ---- reload: a new generation
+    def _files(self) -> tuple[Any, ...]:
+        """What changes when the config file or any key material is replaced."""
+        paths = [self.config.path]
+        for route in routes_of(self.config):
+            paths += key_material_paths(route)
+        return _signature(paths)
+
+    def _watch(self) -> None:
+        if self.reloading or self.stopping is not None:
+            return
+        seen = self._files()
+        if seen != self.watched:
+            self.watched = seen
+            self.log.info("the config file or key material changed; reloading")
+            self.reload()
+
     def reload(self) -> defer.Deferred[bool]:
+        if self.reloading:
+            return defer.succeed(False)
+        self.reloading = True
+        return self._reload().addBoth(self._reloaded)
+
+    def _reloaded(self, result: Any) -> Any:
+        self.reloading = False
+        self.watched = self._files()
+        return result
+
+    def _reload(self) -> defer.Deferred[bool]:
         if self.notifier is not None:
             self.notifier.reloading()
         try:
@@ -381,6 +417,8 @@ class Supervisor:
         if self.stopping is not None:
             return self.stopping
         self.draining = True
+        if self.watcher is not None and self.watcher.running:
+            self.watcher.stop()
         if self.notifier is not None:
             self.notifier.stopping()
         everyone = [w for w in [*self.workers, *self.retiring] if not w.exited]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import sys
 from typing import IO, Any
@@ -148,21 +149,58 @@ def start_logging(
     return accept_errors
 
 
+PIPE_BUF = 4096  # a write() of at most this many bytes to a pipe is never interleaved
+
+
 class AccessLog:
-    """JSON lines to a stream; flushed by the route sweep (twice a second) and at exit."""
+    """JSON lines, collected and written by the route sweep (four times a second) and at exit.
+
+    Several workers share one stdout: lines go out in writes of whole lines, each at most
+    PIPE_BUF bytes, so no line is ever cut by another process's."""
 
     def __init__(self, stream: IO[str] | None, enabled: bool) -> None:
         self.stream = stream or sys.stdout
         self.enabled = enabled
         self._dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+        self._lines: list[str] = []
+        try:
+            self._fd: int | None = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None  # an in-memory stream (tests)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            self.stream.write(self._dumps(record) + "\n")
+            self._lines.append(self._dumps(record) + "\n")
 
     def flush(self) -> None:
-        if self.enabled:
-            self.stream.flush()
+        lines, self._lines = self._lines, []
+        if not lines:
+            return
+        if self._fd is None:
+            self.stream.write("".join(lines))
+            return
+        self.stream.flush()  # what went through the stream object goes first
+        batch: list[bytes] = []
+        size = 0
+        for line in lines:
+            data = line.encode("ascii")
+            if batch and size + len(data) > PIPE_BUF:
+                _write_all(self._fd, b"".join(batch))
+                batch, size = [], 0
+            batch.append(data)
+            size += len(data)
+        _write_all(self._fd, b"".join(batch))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        try:
+            written = os.write(fd, data)
+        except BlockingIOError:
+            continue  # a non-blocking stdout that is full: the log waits, lines stay whole
+        except OSError:
+            return  # stdout gone (closed pipe): drop, never crash the data path
+        data = data[written:]
 
 
 class RateLimitedLog:

@@ -255,6 +255,28 @@ trust = "server-ca.pem"
     assert old_gone
 
 
+def test_a_changed_config_file_is_picked_up_without_a_signal(env: Env) -> None:
+    setup = env.config("watch", 2)
+    setup.conf.write_text(
+        setup.conf.read_text().replace(
+            "drain_timeout = 10", "drain_timeout = 10\nreload_interval = 1"
+        )
+    )
+    setup.start()
+    try:
+        old = setup.pids()
+        setup.conf.write_text(setup.conf.read_text().replace('name = "in"', 'name = "in2"'))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and set(setup.pids()) & set(old):
+            time.sleep(0.2)
+        new = setup.pids()
+        names = [r["name"] for r in setup.status()["routes"]]  # type: ignore[index, union-attr]
+    finally:
+        setup.sidecar.stop()
+    assert not set(new) & set(old)
+    assert "in2" in names
+
+
 def test_an_invalid_reload_keeps_the_generation(env: Env) -> None:
     setup = env.config("bad", 2).start()
     try:

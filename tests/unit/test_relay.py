@@ -110,6 +110,7 @@ class Rig:
         self.route.sweep(self.clock.seconds())
 
     def access_records(self) -> list[dict[str, Any]]:
+        self.route.access_log.flush()  # lines are written by the sweep, in whole-line batches
         return [json.loads(line) for line in self.access.getvalue().splitlines()]
 
 
