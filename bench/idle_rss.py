@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import PEERS, SIDECAR, Peer, free_port, stop, wait_port
+from tests.harness import PEERS, SIDECAR, Nginx, Peer, free_port, mtls_server, stop, wait_port
 from tests.pkifactory import make_ca, write_ca
 
 N = 1000
@@ -27,6 +27,49 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def hold(port: int, d: Path, n: int) -> list[ssl.SSLSocket]:
+    """n keep-alive mTLS connections, each one full handshake and one request, left idle."""
+    ctx = ssl.create_default_context(cafile=str(d / "server-ca.pem"))
+    ctx.load_cert_chain(str(d / "client.pem"), str(d / "client.key"))
+    conns = []
+    for _ in range(n):
+        s = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
+        )
+        s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.split(b"\r\n\r\n", 1)[1]:
+            data += s.recv(65536)
+        conns.append(s)
+    time.sleep(1)
+    return conns
+
+
+def measure(pid: int, port: int, d: Path) -> tuple[float, float]:
+    base = rss_mb(pid)
+    conns = hold(port, d, N)
+    held = rss_mb(pid)
+    for s in conns:
+        s.close()
+    return base, held
+
+
+def nginx_figures(d: Path) -> tuple[float, float]:
+    port = free_port()
+    nginx = Nginx(
+        d / "nginx",
+        mtls_server(f"127.0.0.1:{port}", d / "server.pem", d / "server.key", d / "client-ca.pem",
+                    'keepalive_timeout 600s; location / { return 200 "ok"; }'),
+    ).start([("127.0.0.1", port)])  # fmt: skip
+    try:
+        assert nginx.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(nginx.proc.pid)], capture_output=True, text=True)
+        worker = int(out.stdout.split()[0])  # worker_processes 1
+        return measure(worker, port, d)
+    finally:
+        nginx.stop()
 
 
 def main() -> None:
@@ -54,34 +97,22 @@ max_connections = 2000
 """
     )
     proc = subprocess.Popen([SIDECAR, "run", "-c", str(d / "c.toml")], stdout=subprocess.DEVNULL)
-    conns: list[ssl.SSLSocket] = []
     try:
         wait_port("127.0.0.1", port, proc)
-        base = rss_mb(proc.pid)
-        ctx = ssl.create_default_context(cafile=str(d / "server-ca.pem"))
-        ctx.load_cert_chain(str(d / "client.pem"), str(d / "client.key"))
-        for _ in range(N):
-            s = ctx.wrap_socket(
-                socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
-            )
-            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            data = b""
-            while b"\r\n\r\n" not in data or not data.split(b"\r\n\r\n", 1)[1]:
-                data += s.recv(65536)
-            conns.append(s)
-        time.sleep(1)
-        held = rss_mb(proc.pid)
-        anon, files = rss_mb(proc.pid, "RssAnon"), rss_mb(proc.pid, "RssFile")
-        print(
-            f"\nidle keep-alive mTLS connections: {N}; sidecar RSS {base:.1f} MB before, "
-            f"{held:.1f} MB holding them ({(held - base) * 1024 / N:.1f} KiB each; "
-            f"anonymous {anon:.1f} MB, shared-library pages {files:.1f} MB); target <= 60 MB"
-        )
+        base, held = measure(proc.pid, port, d)
     finally:
-        for s in conns:
-            s.close()
         stop(proc)
         upstream.stop()
+    nbase, nheld = nginx_figures(d)
+    ours, theirs = (held - base) * 1024 / N, (nheld - nbase) * 1024 / N
+    print(
+        f"\nidle keep-alive mTLS connections: {N}, ECDSA P-256, TLS 1.3, same client\n"
+        f"  sidecar (1 worker): RSS {base:.1f} MB before, {held:.1f} MB holding them: "
+        f"{ours:.1f} KiB each\n"
+        f"  nginx (1 worker):   RSS {nbase:.1f} MB before, {nheld:.1f} MB holding them: "
+        f"{theirs:.1f} KiB each\n"
+        f"  per connection: sidecar/nginx = {ours / theirs:.2f} (target <= 1.2)"
+    )
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 conf=$(mktemp -d)/bench.toml
-ACCESS_LOG=${ACCESS_LOG:-false}
+ACCESS_LOG=${ACCESS_LOG:-true}   # as users run it
+WORKERS=${WORKERS:-1}             # the harness exports 1, or 2 in its auto mode
 case ${1:?egress|ingress} in
   egress) cat >"$conf" <<CONF
 [log]
 format = "json"
 access = $ACCESS_LOG
+[service]
+workers = $WORKERS
 [[egress]]
 name = "bench-egress"
 listen = "127.0.0.1:8080"
@@ -26,6 +29,8 @@ CONF
 [log]
 format = "json"
 access = $ACCESS_LOG
+[service]
+workers = $WORKERS
 [[ingress]]
 name = "bench-ingress"
 listen = "127.0.0.1:8443"
