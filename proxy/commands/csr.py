@@ -66,11 +66,16 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     oauth = sub.add_parser(
         "oauth-key",
-        help="new ES256 key for D1's OAuth client assertions",
-        description="Make the P-256 key that signs D1's OAuth JWT assertions (ES256) and print"
-        " its public half as PEM and as JWK, to register with Thales at onboarding.",
+        help="new ES256 key for D1's OAuth client assertions or for hosted ingress tokens",
+        description="Make a P-256 key for ES256 signatures and print its public half as PEM and"
+        " as JWK. Two uses: the key that signs D1's OAuth JWT assertions (register the public"
+        " half with Thales at onboarding), or the key that signs the tokens an ingress route's"
+        " [ingress.oauth] endpoint issues.",
         epilog="The kid defaults to the key's RFC 7638 thumbprint; use it as key_id in the"
-        " route's [egress.oauth] table. Existing files are never overwritten.",
+        " route's [egress.oauth] table. Hosted ingress tokens always carry the thumbprint as"
+        " kid (--kid does not apply): set signing_key in [ingress.oauth] on every replica, or"
+        " give the --public-out file to replicas that only accept the key's tokens"
+        " (verify_keys), e.g. while a new key rolls out. Existing files are never overwritten.",
     )
     oauth.add_argument(
         "--key-out", required=True, type=Path, metavar="FILE", help="new private key (0600)"
@@ -78,7 +83,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     oauth.add_argument("--kid", help="key id for the JWK (default: RFC 7638 thumbprint)")
     oauth.add_argument("--jwk-out", type=Path, metavar="FILE", help="also write the public JWK")
     oauth.add_argument(
-        "--public-out", type=Path, metavar="FILE", help="also write the public key PEM"
+        "--public-out",
+        type=Path,
+        metavar="FILE",
+        help="also write the public key PEM (for D1, or for verify_keys in [ingress.oauth])",
     )
     oauth.set_defaults(func=run_oauth_key)
 
@@ -151,6 +159,12 @@ def run_oauth_key(args: argparse.Namespace) -> int:
     print(
         "next steps: register the public key with Thales; in the egress route's [egress.oauth]"
         f" set signing_key = {str(key_out)!r} and key_id = {jwk['kid']!r}"
+    )
+    public_hint = f" = [{str(args.public_out)!r}]" if args.public_out is not None else ""
+    print(
+        f"  or, for hosted tokens: in [ingress.oauth] set signing_key = {str(key_out)!r}"
+        f" (kid {pki.jwk_thumbprint(jwk)}); replicas that should only accept its tokens list"
+        f" the public key in verify_keys{public_hint}"
     )
     return 0
 

@@ -108,6 +108,21 @@ class IngressTokens:
             raise ProxyError(401, "unauthorized", "a valid bearer token is required")
 
 
+def hosted_token_keys(o: cfg.IngressOAuth) -> server.TokenKeys:
+    """The hosted tokens' keys, or MaterialError naming the key and the file."""
+    try:
+        signing = server.load_private_key(o.signing_key)
+    except ValueError as e:
+        raise tls.MaterialError(f"oauth.signing_key {e}") from None
+    verify = []
+    for index, path in enumerate(o.verify_keys):
+        try:
+            verify.append(server.load_public_key(path))
+        except ValueError as e:
+            raise tls.MaterialError(f"oauth.verify_keys[{index}] {e}") from None
+    return server.TokenKeys.of(signing, verify)
+
+
 def ingress_token_endpoint(reactor: Any, ri: cfg.IngressRoute) -> IngressTokens:
     o = ri.oauth
     assert o is not None
@@ -115,5 +130,12 @@ def ingress_token_endpoint(reactor: Any, ri: cfg.IngressRoute) -> IngressTokens:
         clients = server.load_client_secrets(o.clients_file)
     except (ValueError, OSError) as e:
         raise tls.MaterialError(f"oauth.clients_file {o.clients_file}: {e}") from None
-    issuer = server.TokenIssuer(reactor, clients, lifetime=o.token_lifetime)
+    issuer = server.TokenIssuer(
+        reactor,
+        clients,
+        hosted_token_keys(o),
+        issuer=o.issuer,
+        audience=o.audience or ri.name,  # unset: the route's name, the same on every replica
+        lifetime=o.token_lifetime,
+    )
     return IngressTokens(server.TokenEndpoint(issuer), o.token_path)

@@ -1,5 +1,9 @@
 """The hosted client-credentials token endpoint for D1's calls to us (ingress OAuth): the
-issuer of bearer tokens, the client secrets it checks, and the endpoint on the mTLS listener."""
+issuer of bearer tokens, the client secrets it checks, and the endpoint on the mTLS listener.
+
+Tokens are RFC 9068 JWT access tokens signed with ES256, so any worker or replica holding the
+same key files accepts any other's: nothing about an issued token is kept anywhere.
+"""
 
 from __future__ import annotations
 
@@ -13,41 +17,122 @@ import re
 import secrets
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import attrs
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from proxy.oauth.client import Clock, printable
+from proxy.tls import pki
+
+# --------------------------------------------------------------------------- ingress: keys
+
+ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")  # RFC 9068 section 4
+REQUIRED_CLAIMS = ("iss", "aud", "sub", "client_id", "iat", "exp", "jti")
+# An iat up to this far ahead of our clock is another replica's clock running ahead, not a
+# forgery; exp gets no leeway at all.
+IAT_SKEW = 5
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """The kid of a hosted-token key: its RFC 7638 JWK thumbprint, the same on every replica."""
+    return pki.jwk_thumbprint(pki.public_jwk(public_key, None))
+
+
+def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """An unencrypted PEM P-256 private key; errors name the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not an unencrypted PEM private key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError(f"{path}: {pki.describe_key(key.public_key())}; {_P256}")
+    return key
+
+
+def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """The P-256 public key in a PEM file holding a public key (SPKI) or a private key."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror}") from None
+    public: Any
+    try:
+        public = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        try:
+            public = serialization.load_pem_private_key(data, password=None).public_key()
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"{path}: neither a PEM public key nor an unencrypted PEM private key"
+            ) from None
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
+        raise ValueError(f"{path}: {pki.describe_key(public)}; {_P256}")
+    return public
+
+
+_P256 = "hosted tokens are ES256: an ECDSA P-256 key is needed (mtls-sidecar oauth-key)"
+
+
+@attrs.frozen
+class TokenKeys:
+    """The keys of hosted tokens: one signs; it and the verify-only ones verify, by kid."""
+
+    signing_key: ec.EllipticCurvePrivateKey
+    kid: str
+    verify: Mapping[str, ec.EllipticCurvePublicKey]
+
+    @classmethod
+    def of(
+        cls,
+        signing_key: ec.EllipticCurvePrivateKey,
+        verify_keys: Iterable[ec.EllipticCurvePublicKey] = (),
+    ) -> TokenKeys:
+        public = signing_key.public_key()
+        if not isinstance(signing_key.curve, ec.SECP256R1):
+            raise ValueError(f"{pki.describe_key(public)}; {_P256}")
+        keys = {key_id(public): public}
+        for other in verify_keys:
+            if not isinstance(other.curve, ec.SECP256R1):
+                raise ValueError(f"{pki.describe_key(other)}; {_P256}")
+            keys.setdefault(key_id(other), other)
+        return cls(signing_key, key_id(public), keys)
+
 
 # --------------------------------------------------------------------------- ingress: issuer
 
 
-@attrs.frozen
-class _Grant:
-    client_id: str
-    scope: str | None
-    expires_at: float
-
-
 class TokenIssuer:
-    """Opaque bearer tokens for D1's calls to us (client credentials grant).
+    """RFC 9068 JWT access tokens for D1's calls to us (client credentials grant).
 
-    Tokens live in this process's memory, stored as SHA-256 hashes, at most ``max_tokens`` of
-    them (the oldest go first).
+    A token is accepted when its ES256 signature verifies under one of ``keys``, its header
+    says ``typ: at+jwt`` and its ``iss``, ``aud`` and ``exp`` are ours and current. Nothing is
+    kept about issued tokens; tokens verified once are remembered (at most ``cache_size``, by
+    SHA-256, until they expire) only to spare the signature check on the next request.
     """
 
     def __init__(
         self,
         clock: IReactorTime,
         clients: Mapping[str, bytes],
+        keys: TokenKeys,
+        *,
+        audience: str,
+        issuer: str = "mtls-sidecar",
         lifetime: float = 900.0,
-        max_tokens: int = 10_000,
+        cache_size: int = 10_000,
     ) -> None:
         if not clients:
             raise ValueError("a token endpoint needs at least one client")
@@ -55,13 +140,18 @@ class TokenIssuer:
             raise ValueError("every client needs a non-empty secret")
         if not (math.isfinite(lifetime) and lifetime >= 1):
             raise ValueError(f"token lifetime must be at least 1 s, got {lifetime}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not issuer or not audience:
+            raise ValueError("issuer and audience must not be empty")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must not be negative, got {cache_size}")
         self._clock = cast(Clock, clock)
         self._clients = dict(clients)
+        self.keys = keys
+        self.issuer = issuer
+        self.audience = audience
         self.lifetime = lifetime
-        self._max_tokens = max_tokens
-        self._tokens: OrderedDict[bytes, _Grant] = OrderedDict()
+        self._cache_size = cache_size
+        self._verified: OrderedDict[bytes, tuple[str, int]] = OrderedDict()
         # Unknown client ids are compared against this, so both paths cost the same.
         self._dummy = secrets.token_bytes(32)
 
@@ -80,17 +170,24 @@ class TokenIssuer:
         if not self.authenticate(client_id, secret):
             return None
         now = self._clock.seconds()
-        while self._tokens:  # issue order is expiry order: drop the expired from the front
-            first = next(iter(self._tokens.values()))
-            if first.expires_at > now:
-                break
-            self._tokens.popitem(last=False)
-        token = secrets.token_urlsafe(32)
-        self._tokens[hashlib.sha256(token.encode("ascii")).digest()] = _Grant(
-            client_id, scope, now + self.lifetime
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": client_id,  # RFC 9068 2.2: a client acting for itself is its own subject
+            "client_id": client_id,
+            "iat": int(now),
+            # rounded up: the token lives at least the expires_in the client is told
+            "exp": math.ceil(now + self.lifetime),
+            "jti": secrets.token_urlsafe(16),
+        }
+        if scope is not None:
+            claims["scope"] = scope
+        token = jwt.encode(
+            claims,
+            self.keys.signing_key,
+            algorithm="ES256",
+            headers={"typ": "at+jwt", "kid": self.keys.kid},
         )
-        while len(self._tokens) > self._max_tokens:
-            self._tokens.popitem(last=False)
         return token, int(self.lifetime)
 
     def check_bearer(self, authorization: bytes | None) -> str | None:
@@ -100,10 +197,53 @@ class TokenIssuer:
         m = _BEARER.fullmatch(authorization)
         if m is None:
             return None
-        grant = self._tokens.get(hashlib.sha256(m.group(1)).digest())
-        if grant is None or grant.expires_at <= self._clock.seconds():
+        now = self._clock.seconds()
+        digest = hashlib.sha256(m.group(1)).digest()
+        known = self._verified.get(digest)
+        if known is not None:
+            return known[0] if known[1] > now else None
+        try:
+            client_id, exp = self._verify(m.group(1).decode("ascii"), now)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
             return None
-        return grant.client_id
+        if self._cache_size:
+            while self._verified:  # oldest first: drop the expired and the overflow
+                oldest = next(iter(self._verified.values()))
+                if oldest[1] > now and len(self._verified) < self._cache_size:
+                    break
+                self._verified.popitem(last=False)
+            self._verified[digest] = (client_id, exp)
+        return client_id
+
+    def _verify(self, token: str, now: float) -> tuple[str, int]:
+        """(client id, exp) of a token that passes every check; raises otherwise."""
+        header = jwt.get_unverified_header(token)
+        if header.get("alg") != "ES256":  # never none, never HS* with a public key as secret
+            raise ValueError("alg is not ES256")
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
+            raise ValueError("typ is not at+jwt")
+        kid = header.get("kid")
+        key = self.keys.verify.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise ValueError("unknown kid")
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=["ES256"],
+            audience=self.audience,
+            issuer=self.issuer,
+            # exp and iat are checked below against our clock, not PyJWT's wall time
+            options={"require": list(REQUIRED_CLAIMS), "verify_exp": False, "verify_iat": False},
+        )
+        exp, iat, client_id = claims["exp"], claims["iat"], claims["client_id"]
+        if not all(type(v) is int for v in (exp, iat)):
+            raise ValueError("exp and iat must be integers")
+        if exp <= now or iat > now + IAT_SKEW or iat > exp:
+            raise ValueError("expired or not yet valid")
+        if not isinstance(client_id, str) or claims["sub"] != client_id:
+            raise ValueError("sub and client_id differ")
+        return client_id, exp
 
 
 _BEARER = re.compile(rb"(?i:bearer) +([A-Za-z0-9._~+/-]+=*) *")

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy import config as cfg
 from proxy.oauth import glue as oauthglue
+from proxy.oauth import server as oauthserver
 from proxy.tls import contexts as tls
 from proxy.tls import pki
 
@@ -138,6 +139,8 @@ def audit(
 
         guarded(f"{prefix}.server_cert", ingress_checks)
         _key_file_mode(ri.server_key, f"{prefix}.server_key", add)
+        if ri.oauth is not None:
+            _hosted_token_keys(ri.oauth, f"{prefix}.oauth", add)
 
     for key, value in _placeholders(config.path):
         add("error", key, f"{value!r} is a placeholder: put the real value here")
@@ -153,6 +156,25 @@ def _gateway_id(leaf: Any) -> str | None:
     cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     match = pki.D1_CN.match(str(cns[0].value)) if len(cns) == 1 else None
     return match["gateway_id"] if match else None
+
+
+def _hosted_token_keys(
+    o: cfg.IngressOAuth, prefix: str, add: Callable[[str, str, str], None]
+) -> None:
+    """The hosted tokens' keys load as `run` loads them: a P-256 signing key, and every
+    verify-only key; the kids let an operator compare replicas."""
+    _key_file_mode(o.signing_key, f"{prefix}.signing_key", add)
+    try:
+        kid = oauthserver.key_id(oauthserver.load_private_key(o.signing_key).public_key())
+        add("info", f"{prefix}.signing_key", f"{o.signing_key}: ES256 signing key, kid {kid}")
+    except ValueError as e:
+        add("error", f"{prefix}.signing_key", str(e))
+    for index, path in enumerate(o.verify_keys):
+        try:
+            kid = oauthserver.key_id(oauthserver.load_public_key(path))
+            add("info", f"{prefix}.verify_keys[{index}]", f"{path}: ES256 verify key, kid {kid}")
+        except ValueError as e:
+            add("error", f"{prefix}.verify_keys[{index}]", str(e))
 
 
 def _egress_wiring(r: cfg.EgressRoute, prefix: str, add: Callable[[str, str, str], None]) -> None:

@@ -92,6 +92,7 @@ class Metrics:
     reloads: Counter
     connections_open: Gauge
     upstream_connects: Counter
+    upstream_tls_handshakes: Counter
     oauth_token_fetches: Counter
     oauth_token_failures: Counter
     oauth_token_expiry: Gauge
@@ -145,6 +146,12 @@ class Metrics:
                 p + "upstream_connects",
                 "New upstream connections by route and result.",
                 ["route", "result"],
+                registry=r,
+            ),
+            upstream_tls_handshakes=Counter(
+                p + "upstream_tls_handshakes",
+                "Verified TLS handshakes toward the upstream by route and kind (full, resumed).",
+                ["route", "kind"],
                 registry=r,
             ),
             oauth_token_fetches=Counter(

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _ssl_lib
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -207,6 +208,11 @@ class ClientTLS:
 
     Hostname verification happens after the handshake, in the upstream protocol, before a
     single request byte is written (see pool.UpstreamConnection.handshakeCompleted).
+
+    Resumption: a protocol that has `tls_session_for(context)` (pool.UpstreamConnection) is
+    asked, as its connection is made, for a session to offer; it must answer with one made under
+    that very context (pyOpenSSL refuses any other), i.e. under the same trust store and client
+    certificate, or None.
     """
 
     def __init__(self, material: ClientMaterial, server_name: str) -> None:
@@ -215,12 +221,28 @@ class ClientTLS:
         self._sni = server_name.encode("idna") if not _is_ip(server_name) else None
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        conn = SSL.Connection(self.material.context, None)
+        context = self.material.context
+        conn = SSL.Connection(context, None)
         conn.set_app_data(tlsProtocol)
         if self._sni:
             conn.set_tlsext_host_name(self._sni)
+        offer = getattr(getattr(tlsProtocol, "wrappedProtocol", None), "tls_session_for", None)
+        if offer is not None:
+            session = offer(context)
+            if session is not None:
+                conn.set_session(session)
         conn.set_connect_state()
         return conn
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """Whether a finished client handshake resumed a session. pyOpenSSL has no call for
+    SSL_session_reused, the binding under it has; should that binding go, a client connection
+    that verified the server (VERIFY_PEER) has a verified chain after a full handshake only."""
+    reused = getattr(_ssl_lib, "SSL_session_reused", None)
+    if reused is not None:
+        return bool(reused(conn._ssl))
+    return conn.get_verified_chain() is None
 
 
 def _is_ip(host: str) -> bool:
@@ -263,6 +285,10 @@ def server_context(
     ctx.set_verify_depth(5)
     ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in cas])
     ctx.set_session_id(session_id[:32])
+    # no resumption on ingress: a resumed session carries no client chain, and the identity
+    # headers are built from the verified chain of every connection
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_alpn_select_callback(_select_alpn)
     return ctx, cas
 

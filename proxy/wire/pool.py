@@ -3,6 +3,14 @@
 A connection is handed out only once it is ready: TCP connected and, for https, the handshake
 done, the chain verified against `trust` and the name checked. Until then no request byte has
 been written, so failing over to the next DNS answer on a refused connect is always safe.
+
+TLS resumption: the pool keeps the last session of a verified connection (TLS 1.2: right after
+the handshake; TLS 1.3: its tickets come after the handshake, so once the first response bytes
+arrived) and offers it on the next new connection. OpenSSL does not verify the chain again on a
+resumed session: its server certificate was verified when the session was made, under the same
+context (so the same trust store and client certificate: a reload or renew() drops the
+session), for the same name, which is checked again on the resumed connection before it is
+handed out; a session is not offered past its server certificate's notAfter.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from typing import Any
 from typing import Protocol as Interface
 
 import httptools
+from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -23,7 +32,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from proxy.tls.contexts import ClientTLS, tls_factory, verify_hostname_error
+from proxy.tls.contexts import ClientTLS, session_reused, tls_factory, verify_hostname_error
 from proxy.wire.http import ProxyError, tokens_of
 from proxy.wire.resolver import ResolveError, resolve
 
@@ -90,6 +99,8 @@ class UpstreamConnection(Protocol):
         self.connector: Any = None
         self.verify_error: str | None = None
         self.failure_detail: str | None = None
+        self.session_offered = False  # a cached TLS session was offered to resume
+        self.session_wanted = False  # TLS 1.3: keep the session once response bytes arrive
         self.parser = httptools.HttpResponseParser(self)
         self.paused: set[str] = set()
         self.status = 0
@@ -109,12 +120,27 @@ class UpstreamConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         assert self.tls_name is not None
-        problem = verify_hostname_error(self.transport.getHandle(), self.tls_name)
+        handle = self.transport.getHandle()
+        # resumed or not, the name is checked before any request byte (on a resumed session
+        # against the server certificate the session was verified with)
+        problem = verify_hostname_error(handle, self.tls_name)
         if problem:
             self.failure_detail = problem
             self.transport.abortConnection()
             return
+        resumed = self.session_offered and session_reused(handle)
+        self.pool.on_handshake("resumed" if resumed else "full")
+        if handle.get_protocol_version() == SSL.TLS1_2_VERSION:
+            self.pool.keep_session(self, handle)
+        else:
+            self.session_wanted = True
         self._ready()
+
+    def tls_session_for(self, context: SSL.Context) -> SSL.Session | None:
+        """Asked by ClientTLS as this connection's TLS is made: the session to offer."""
+        session = self.pool.session_for(context)
+        self.session_offered = session is not None
+        return session
 
     def _orphan(self, d: defer.Deferred[UpstreamConnection]) -> None:
         """The request waiting for this connection is gone (the client gave up)."""
@@ -129,6 +155,9 @@ class UpstreamConnection(Protocol):
             d.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.session_wanted:  # TLS 1.3 tickets come before the first response bytes
+            self.session_wanted = False
+            self.pool.keep_session(self, self.transport.getHandle())
         down = getattr(self.exchange, "down", None)  # probe attaches a bare response reader
         if down is not None:
             down.cork()
@@ -165,6 +194,8 @@ class UpstreamConnection(Protocol):
         self.pool.forget(self)
         if self.ready is not None:
             d, self.ready = self.ready, None
+            if self.session_offered:  # never let a session that ended this way be offered again
+                self.pool.drop_session()
             d.errback(self._handshake_failure(reason))
             return
         ex, self.exchange = self.exchange, None
@@ -333,6 +364,7 @@ class Pool:
         close_grace: float = 1.0,
         on_connect: Callable[[str], None] = lambda result: None,
         on_handshake_error: Callable[[str], None] = lambda detail: None,
+        on_handshake: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self.reactor, self.clock, self.resolver = reactor, clock, resolver
         self.host, self.port, self.tls = host, port, tls
@@ -341,9 +373,13 @@ class Pool:
         self.max_head_bytes, self.max_head_fields = max_head_bytes, max_head_fields
         self.close_grace = close_grace
         self.on_connect, self.on_handshake_error = on_connect, on_handshake_error
+        self.on_handshake = on_handshake  # "full" or "resumed", per verified TLS handshake
         self.idle: list[UpstreamConnection] = []
         self.live: set[UpstreamConnection] = set()
         self.generation = 0
+        self.session: SSL.Session | None = None  # the last verified TLS session, to resume
+        self.session_context: SSL.Context | None = None  # the context it was made under
+        self.session_until = 0.0  # its server certificate's notAfter (Unix time)
 
     def acquire(self) -> UpstreamConnection | defer.Deferred[UpstreamConnection]:
         """A ready idle connection at once, or a Deferred for a new one."""
@@ -425,9 +461,40 @@ class Pool:
     def handshake_failed(self, detail: str) -> None:
         self.on_handshake_error(detail)
 
+    # ---- TLS session resumption
+    def session_for(self, context: SSL.Context) -> SSL.Session | None:
+        """The session to offer on a new connection made under context, if there is one."""
+        if self.session is None:
+            return None
+        if context is not self.session_context or self.clock.seconds() >= self.session_until:
+            self.drop_session()  # material reloaded, or the certificate it vouches for expired
+            return None
+        return self.session
+
+    def keep_session(self, conn: UpstreamConnection, handle: SSL.Connection) -> None:
+        """Keep the session of a connection that passed verification, for the next one."""
+        context = handle.get_context()
+        if (
+            self.tls is None
+            or conn.generation != self.generation
+            or context is not self.tls.material.context  # made before a reload
+        ):
+            return
+        session = handle.get_session()
+        cert = handle.get_peer_certificate(as_cryptography=True)
+        if session is None or cert is None:
+            return
+        self.session, self.session_context = session, context
+        self.session_until = cert.not_valid_after_utc.timestamp()
+
+    def drop_session(self) -> None:
+        self.session = self.session_context = None
+
     def renew(self) -> None:
-        """New key material: idle connections go now, busy ones after their response."""
+        """New key material: idle connections go now, busy ones after their response; the
+        cached TLS session goes too (it belongs to the old context and client certificate)."""
         self.generation += 1
+        self.drop_session()
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()

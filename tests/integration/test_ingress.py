@@ -455,10 +455,15 @@ def test_a_validated_bearer_token_is_removed_unless_forward_authorization(
     import base64
 
     (env.dir / "clients").write_text("d1-tenant:s3cret-value\n")
+    from proxy.tls import pki
+
+    (env.dir / "hosted.key").write_bytes(pki.private_key_pem(pki.make_oauth_key()))
+    (env.dir / "hosted.key").chmod(0o600)
     port = free_port()
     extra = f"""
         [ingress.oauth]
         clients_file = "clients"
+        signing_key = "hosted.key"
         forward_authorization = {"true" if forward else "false"}
     """
     conf = env.config(f"bearer-{forward}", port, extra)

@@ -14,6 +14,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from proxy.tls import pki
 from tests.harness import (
     PEERS,
     Nginx,
@@ -234,6 +235,7 @@ def hosted(env: Env) -> Iterator[tuple[int, Sidecar]]:
     record = env.dir / "upstream.jsonl"
     upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(record)]).start()
     (env.dir / "clients").write_text("# D1 tenant credentials\nd1-tenant:s3cret-value\n")
+    (env.dir / "hosted.key").write_bytes(pki.private_key_pem(pki.make_oauth_key()))
     port = free_port()
     conf = write_config(
         env.dir / "ingress.toml",
@@ -247,6 +249,7 @@ def hosted(env: Env) -> Iterator[tuple[int, Sidecar]]:
         upstream = "http://127.0.0.1:{upstream.port}"
           [ingress.oauth]
           clients_file = "clients"
+          signing_key = "hosted.key"
           token_path = "/oauth2/token"
           token_lifetime = 2
         """,
@@ -288,7 +291,7 @@ def test_hosted_token_admits_the_call_and_expires(env: Env, hosted: tuple[int, S
     admitted = curl(*env.mtls(), "-H", f"Authorization: Bearer {token}", url)
     assert admitted.status == 200
     assert json.loads(admitted.body)["path"] == "/merchant-gateways/x/notify"
-    time.sleep(2.3)
+    time.sleep(3.2)  # exp is a whole second rounded up: the token lives 2 to 3 s
     expired = curl(*env.mtls(), "-H", f"Authorization: Bearer {token}", url)
     assert expired.status == 401
     time.sleep(0.6)

@@ -51,7 +51,13 @@ from proxy.oauth.client import (
     new_jti,
     parse_token_response,
 )
-from proxy.oauth.server import TokenEndpointResource, TokenIssuer, load_client_secrets
+from proxy.oauth.server import (
+    TokenEndpointResource,
+    TokenIssuer,
+    TokenKeys,
+    key_id,
+    load_client_secrets,
+)
 from proxy.telemetry.metrics import Metrics
 from tests import pkifactory
 
@@ -871,21 +877,34 @@ def test_agent_fetcher_aborts_an_answer_over_64_kib() -> None:
 # --------------------------------------------------------------------------- ingress issuer
 
 CLIENTS = {"d1-tenant": b"s3cr3t-value_0123456789", "other": b"another-secret"}
+HOSTED_KEYS = TokenKeys.of(ec.generate_private_key(ec.SECP256R1()))
 
 
-def test_issuer_issues_a_token_that_check_bearer_accepts() -> None:
+def hosted_issuer(clock: Clock, clients: dict[str, bytes] = CLIENTS, **kw: Any) -> TokenIssuer:
+    return TokenIssuer(clock, clients, HOSTED_KEYS, audience="d1-callbacks", **kw)
+
+
+def test_issuer_issues_a_jwt_access_token_that_check_bearer_accepts() -> None:
     clock = Clock()
-    issuer = TokenIssuer(clock, CLIENTS)
+    clock.advance(1_700_000_000)
+    issuer = hosted_issuer(clock)
     issued = issuer.issue("d1-tenant", CLIENTS["d1-tenant"], None)
     assert issued is not None
     token, expires_in = issued
-    assert expires_in == 900 and len(token) >= 43
+    assert expires_in == 900
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": "ES256", "typ": "at+jwt", "kid": HOSTED_KEYS.kid}
+    assert HOSTED_KEYS.kid == key_id(HOSTED_KEYS.signing_key.public_key())
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["iss"] == "mtls-sidecar" and claims["aud"] == "d1-callbacks"
+    assert claims["sub"] == claims["client_id"] == "d1-tenant"
+    assert (claims["iat"], claims["exp"]) == (1_700_000_000, 1_700_000_900)
     assert issuer.check_bearer(b"Bearer " + token.encode()) == "d1-tenant"
     assert issuer.check_bearer(b"bearer  " + token.encode()) == "d1-tenant"
 
 
 def test_issuer_refuses_a_wrong_secret_and_an_unknown_client() -> None:
-    issuer = TokenIssuer(Clock(), CLIENTS)
+    issuer = hosted_issuer(Clock())
     assert issuer.issue("d1-tenant", b"wrong", None) is None
     assert issuer.issue("d1-tenant", CLIENTS["other"], None) is None
     assert issuer.issue("nobody", CLIENTS["d1-tenant"], None) is None
@@ -894,7 +913,7 @@ def test_issuer_refuses_a_wrong_secret_and_an_unknown_client() -> None:
 
 def test_issued_tokens_expire_after_the_lifetime() -> None:
     clock = Clock()
-    issuer = TokenIssuer(clock, CLIENTS, lifetime=60)
+    issuer = hosted_issuer(clock, lifetime=60)
     issued = issuer.issue("d1-tenant", CLIENTS["d1-tenant"], "notify")
     assert issued is not None
     header = b"Bearer " + issued[0].encode()
@@ -904,12 +923,12 @@ def test_issued_tokens_expire_after_the_lifetime() -> None:
     assert issuer.check_bearer(header) is None
 
 
-def test_issuer_keeps_at_most_max_tokens_dropping_the_oldest() -> None:
-    issuer = TokenIssuer(Clock(), CLIENTS, max_tokens=3)
-    tokens = [issuer.issue("other", CLIENTS["other"], None) for _ in range(4)]
-    headers = [b"Bearer " + t[0].encode() for t in tokens if t is not None]
-    assert issuer.check_bearer(headers[0]) is None
-    assert all(issuer.check_bearer(h) == "other" for h in headers[1:])
+def test_issuer_stores_nothing_another_issuer_with_the_keys_accepts_its_tokens() -> None:
+    clock = Clock()
+    issued = hosted_issuer(clock).issue("other", CLIENTS["other"], None)
+    assert issued is not None
+    other_process = hosted_issuer(clock, {"someone-else": b"x"})
+    assert other_process.check_bearer(b"Bearer " + issued[0].encode()) == "other"
 
 
 @pytest.mark.parametrize(
@@ -928,13 +947,13 @@ def test_issuer_keeps_at_most_max_tokens_dropping_the_oldest() -> None:
     ],
 )
 def test_check_bearer_refuses_malformed_or_unknown_headers(header: bytes | None) -> None:
-    issuer = TokenIssuer(Clock(), CLIENTS)
+    issuer = hosted_issuer(Clock())
     assert issuer.check_bearer(header) is None
 
 
 @given(st.binary(max_size=200))
 def test_check_bearer_never_raises(header: bytes) -> None:
-    assert TokenIssuer(Clock(), CLIENTS).check_bearer(header) is None
+    assert hosted_issuer(Clock()).check_bearer(header) is None
 
 
 def test_client_secrets_file_skips_comments_and_blank_lines(tmp_path: Path) -> None:
@@ -1012,7 +1031,7 @@ def call_endpoint(
 
 @pytest.fixture
 def endpoint() -> TokenEndpointResource:
-    return TokenEndpointResource(TokenIssuer(Clock(), CLIENTS), realm="merchant")
+    return TokenEndpointResource(hosted_issuer(Clock()), realm="merchant")
 
 
 def test_endpoint_issues_a_bearer_token_with_no_store(endpoint: TokenEndpointResource) -> None:
@@ -1029,11 +1048,13 @@ def test_endpoint_issues_a_bearer_token_with_no_store(endpoint: TokenEndpointRes
     assert answer.headers["cache-control"] == "no-store"
     issuer = endpoint.endpoint.issuer
     assert issuer.check_bearer(b"Bearer " + doc["access_token"].encode()) == "d1-tenant"
+    claims = jwt.decode(doc["access_token"], options={"verify_signature": False})
+    assert claims["scope"] == "notify" and claims["client_id"] == "d1-tenant"
 
 
 def test_endpoint_decodes_form_encoded_basic_credentials() -> None:
     secret = "p+s%w:rd é"
-    resource = TokenEndpointResource(TokenIssuer(Clock(), {"id:1": secret.encode()}))
+    resource = TokenEndpointResource(hosted_issuer(Clock(), {"id:1": secret.encode()}))
     answer = call_endpoint(resource, headers={b"Authorization": basic("id:1", secret)})
     assert answer.status == 200
 

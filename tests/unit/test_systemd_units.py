@@ -45,9 +45,9 @@ def installed_copy(directory: Path) -> Path:
 
 
 def verify(directory: Path) -> subprocess.CompletedProcess[str]:
+    units = [str(directory / name) for name in (SERVICE, SOCKET, EGRESS_SOCKET)]
     return subprocess.run(
-        ["systemd-analyze", "verify", str(directory / SERVICE), str(directory / SOCKET),
-         str(directory / EGRESS_SOCKET)],  # fmt: skip
+        ["systemd-analyze", "verify", *units],
         capture_output=True,
         text=True,
         timeout=60,
