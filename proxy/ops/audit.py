@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import errno
 import ipaddress
+import os
 import re
 import socket
 import stat
@@ -214,16 +215,20 @@ def _loopback(host: str) -> bool:
 
 
 def _key_file_mode(path: Path, key: str, add: Callable[[str, str, str], None]) -> None:
+    """Keys readable by others are a finding; readable by our own group is not (a Kubernetes
+    Secret with fsGroup is always 0440, root-owned, group = the pod's)."""
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
     except OSError:
         return  # unreadable files are reported by the loaders
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    mode = st.st_mode
+    ours = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
+    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and not ours) or mode & stat.S_IWGRP:
         add(
             "warning",
             key,
-            f"{path}: mode {stat.S_IMODE(mode):04o}: readable by group or others; "
-            f"`chmod 600 {path}`",
+            f"{path}: mode {stat.S_IMODE(mode):04o}: readable by others or by a group this "
+            f"process is not in; `chmod 600 {path}`",
         )
 
 

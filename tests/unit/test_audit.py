@@ -175,3 +175,13 @@ def test_the_server_key_gets_the_generic_policy_not_d1s(tmp_path: Path) -> None:
         tmp_path, "server"
     )
     assert [f for f in found(conf) if f[0] == "error"] == []
+
+
+def test_a_key_readable_by_our_own_group_only_is_fine(tmp_path: Path) -> None:
+    import os
+
+    conf = setup(tmp_path)
+    key = tmp_path / "client.key"
+    os.chown(key, -1, os.getegid())
+    key.chmod(0o440)  # a Kubernetes Secret mounted with fsGroup
+    assert found(conf) == []
