@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -41,6 +42,37 @@ class RouteState:
     client_tls: tls.ClientTLS | None = None  # egress: toward the partner; ingress: https upstream
     server_tls: tls.ServerTLS | None = None  # ingress
     port: IListeningPort | None = None
+    oauth_files: tuple[Any, ...] = ()  # the OAuth key files when built: a change rebuilds it
+
+
+@attrs.define
+class _Retiring:
+    """A route a reload replaced or removed: its open connections finish, then it closes."""
+
+    state: RouteState
+    deadline: float  # drain_timeout: what is still open then is cut
+    pool_deadline: float = 0.0  # set once its connections are gone: the pool's close grace
+    cut: bool = False  # its connections were aborted at the deadline
+
+
+class _Refused(Exception):
+    """A reload refused: the text says why, naming the file and the key."""
+
+
+@attrs.define
+class _Plan:
+    """What a reload swaps in, built before anything running is touched."""
+
+    config: cfg.Config
+    states: list[RouteState] = attrs.Factory(list)  # the routes in effect after the swap
+    kept: list[RouteState] = attrs.Factory(list)  # running routes whose config is unchanged
+    fresh: list[RouteState] = attrs.Factory(list)  # built by this reload
+    material: list[tuple[RouteState, Any]] = attrs.Factory(list)  # new TLS of the kept routes
+    upstream: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = attrs.Factory(list)
+    shared: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = attrs.Factory(list)
+    takeover: list[tuple[RouteState, RouteState]] = attrs.Factory(list)  # (new, old) same listen
+    opened: list[tuple[RouteState, Any]] = attrs.Factory(list)  # (new, port opened for it)
+    closing: list[RouteState] = attrs.Factory(list)  # old routes whose listen is gone
 
 
 def adopted_key(where: cfg.Listen) -> str:
@@ -74,6 +106,86 @@ def _signature(paths: list[Path]) -> tuple[tuple[str, float, int, int], ...]:
     return tuple(out)
 
 
+def _file_state(path: Path) -> tuple[str, float, int, int]:
+    return _signature([path])[0]
+
+
+def _oauth_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
+    """Every file the route's [oauth] section names (keys, clients), in a stable order."""
+    if route.oauth is None:
+        return []
+    out: list[Path] = []
+    for value in attrs.asdict(route.oauth, recurse=False).values():
+        if isinstance(value, Path):
+            out.append(value)
+        elif isinstance(value, tuple | list):
+            out += [v for v in value if isinstance(v, Path)]
+    return out
+
+
+def _listen_key(route: cfg.EgressRoute | cfg.IngressRoute) -> str:
+    """Which running listener a new route takes over: the one on the same address (an
+    ephemeral port 0 only from the route of the same name)."""
+    where = route.listen
+    if where.kind == "tcp" and where.port == 0:
+        return f"{route.direction}:{route.name}@{where}"
+    return str(where)
+
+
+def _client_identity(rc: cfg.EgressRoute) -> tuple[Any, ...]:
+    """What an egress route's client TLS is made of: equal -> a rebuilt route shares it (and
+    the OAuth token fetched over it)."""
+    return (rc.client_cert, rc.client_key, rc.trust, rc.profile, rc.server_name or rc.upstream.host)
+
+
+def _swap_factory(port: Any, factory: Any) -> None:
+    """A listening port builds every accepted connection with `port.factory`, read at each
+    accept: swapping it sends new connections to another route, and the socket never closes."""
+    old = port.factory
+    factory.doStart()
+    port.factory = factory
+    old.doStop()
+
+
+def _findings_text(findings: list[cfg.Finding]) -> str:
+    first = findings[0]
+    where = f"{first.file}: {first.key}" if first.key else first.file
+    more = f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""
+    return f"{where}: {first.message}{more}"
+
+
+def _pool_states(pools: list[Pool]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for pool in pools:
+        for state, n in pool.states().items():
+            total[state] = total.get(state, 0) + n
+    return total
+
+
+# keys read once at start: a reload that changes them says so and keeps the running value
+RESTART_KEYS = {
+    "service.workers": "workers",
+    "log.format": "log_format",
+    "log.level": "log_level",
+    "resolver.nameservers": "nameservers",
+}
+
+
+def _restart_keys(running: cfg.Config, new: cfg.Config) -> list[str]:
+    keys = ["admin.listen"] if running.admin != new.admin else []
+    for key, field in RESTART_KEYS.items():
+        if getattr(running.service, field, None) != getattr(new.service, field, None):
+            keys.append(key)
+    return keys
+
+
+def _in_effect(running: cfg.Config, new: cfg.Config) -> cfg.Config:
+    """`new`, with the running values of the keys that need a restart."""
+    kept = {f: getattr(running.service, f) for f in RESTART_KEYS.values()
+            if hasattr(running.service, f)}  # fmt: skip
+    return attrs.evolve(new, admin=running.admin, service=attrs.evolve(new.service, **kept))
+
+
 class Sidecar:
     log = Logger()
 
@@ -99,7 +211,13 @@ class Sidecar:
         self.ready = False
         self._sweeper: task.LoopingCall | None = None
         self._watcher: task.LoopingCall | None = None
-        self._signature: tuple[Any, ...] = ()
+        self._seen: dict[str, tuple[Any, ...]] = {}  # watched file -> its state when read
+        self._attempted: list[Path] = []  # key material of a refused config: watched too
+        self._retiring: list[_Retiring] = []  # replaced routes finishing their connections
+        self._inherited: dict[str, list[int]] = {}  # sockets passed at start, not yet adopted
+        self._adopted: set[str] = set()  # listen addresses served on a passed socket
+        self._parked: dict[str, Any] = {}  # passed sockets no route uses now (not closed)
+        self._pools: dict[str, list[Pool]] = {}  # route name -> its pools (running, draining)
         self._stopping: defer.Deferred[None] | None = None
         self.accept_errors: AcceptErrors | None = None  # set when logging starts
         self.last_connect: dict[str, dict[str, Any]] = {}  # route -> last upstream connect
@@ -108,11 +226,15 @@ class Sidecar:
 
     # ---- build (raises tls.MaterialError before anything listens)
     def build(self) -> None:
-        for rc in self.config.egress:
-            self.routes.append(self._build_egress(rc))
-        for ri in self.config.ingress:
-            self.routes.append(self._build_ingress(ri))
-        self._signature = self._current_signature()
+        self._seen = self._stat_watched()  # before reading: a change while building is seen
+        for rc in self.config.routes():
+            files = _signature(_oauth_paths(rc))
+            if isinstance(rc, cfg.EgressRoute):
+                state = self._build_egress(rc)
+            else:
+                state = self._build_ingress(rc)
+            state.oauth_files = files
+            self.routes.append(state)
         self._record_expiry()
 
     def _pool(self, name: str, up: cfg.Upstream, client_tls: tls.ClientTLS | None,
@@ -136,15 +258,50 @@ class Sidecar:
             on_handshake_error=lambda detail: handshakes.labels(name, _reason_label(detail)).inc(),
             on_handshake=lambda kind: self.metrics.upstream_tls_handshakes.labels(name, kind).inc(),
         )
-        self.metrics.watch_pool(name, pool.states)
+        self._watch_pool(name, pool)
         return pool
 
-    def _build_egress(self, rc: cfg.EgressRoute) -> RouteState:
+    def _watch_pool(self, name: str, pool: Pool) -> None:
+        """One set of pool gauges per route name, summed over its running and draining pools."""
+        pools = self._pools.get(name)
+        if pools is None:
+            pools = self._pools[name] = []
+            self.metrics.watch_pool(name, lambda: _pool_states(pools))
+        pools.append(pool)
+
+    def _build_egress(self, rc: cfg.EgressRoute, prev: RouteState | None = None,
+                      shared: list[tuple[tls.ClientTLS, tls.ClientMaterial]] | None = None,
+                      ) -> RouteState:  # fmt: skip
+        """prev: the running route of that name a reload replaces. When its client TLS is made
+        of the same files the new route shares it (the new material goes in at the swap, via
+        `shared`), and with the same [oauth] its token source: no new token fetch."""
         material = tls.build_client_material(rc)
-        client = tls.ClientTLS(material, rc.server_name or rc.upstream.host)
+        reused = (
+            prev.client_tls
+            if prev is not None
+            and shared is not None
+            and isinstance(prev.config, cfg.EgressRoute)
+            and _client_identity(prev.config) == _client_identity(rc)
+            else None
+        )
+        if reused is not None and shared is not None:
+            client = reused
+            shared.append((client, material))
+        else:
+            client = tls.ClientTLS(material, rc.server_name or rc.upstream.host)
         pool = self._pool(rc.name, rc.upstream, client, rc)
         token_source = None
-        if rc.oauth is not None:
+        carried = getattr(prev.route, "token_source", None) if prev and reused else None
+        if (
+            rc.oauth is not None
+            and carried is not None
+            and prev is not None
+            and prev.config.oauth == rc.oauth
+            and prev.config.timeouts.connect == rc.timeouts.connect
+            and prev.oauth_files == _signature(_oauth_paths(rc))
+        ):
+            token_source = carried  # fetched over the same client TLS with the same key
+        elif rc.oauth is not None:
             from proxy.oauth.glue import egress_token_source
 
             if self.remote_tokens is not None:
@@ -248,25 +405,11 @@ class Sidecar:
 
     # ---- listening
     def start(self, inherited: Mapping[str, list[int]] | None = None) -> None:
+        self._inherited = dict(inherited or {})  # a reload may adopt what no route used yet
         for state in self.routes:
-            factory: Any = DownstreamFactory(state.route)
-            if state.server_tls is not None:
-                factory = tls.tls_factory(state.server_tls, False, factory)
-            try:
-                state.port = self._listen(state.config.listen, factory, inherited or {})
-            except CannotListenError as e:
-                raise tls.MaterialError(
-                    f"{state.config.direction}[{state.config.name}].listen {state.config.listen}: "
-                    f"cannot listen: {e.socketError or e}"
-                ) from None
+            state.port = self._open_listener(state)
             state.route.listener = state.port
-            self.log.info(
-                "{route}: {direction} listening on {where} -> {upstream}",
-                route=state.config.name,
-                direction=state.config.direction,
-                where=_where(state.port, state.config.listen),
-                upstream=str(state.config.upstream),
-            )
+            self._log_listening(state)
         if self.config.admin is not None:
             from proxy.ops.admin import admin_site
 
@@ -285,14 +428,69 @@ class Sidecar:
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = self.reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)
+        self._start_watcher()
+        self.ready = True
+        if self.notifier is not None:
+            self.notifier.ready(f"{len(self.routes)} routes")
+
+    def _start_watcher(self) -> None:
+        if self._watcher is not None and self._watcher.running:
+            self._watcher.stop()
+        self._watcher = None
         interval = self.config.service.reload_interval
         if interval > 0:
             self._watcher = task.LoopingCall(self._watch)
             self._watcher.clock = self.reactor
             self._watcher.start(interval, now=False)
-        self.ready = True
-        if self.notifier is not None:
-            self.notifier.ready(f"{len(self.routes)} routes")
+
+    def _factory(self, state: RouteState) -> Any:
+        factory: Any = DownstreamFactory(state.route)
+        if state.server_tls is not None:
+            factory = tls.tls_factory(state.server_tls, False, factory)
+        return factory
+
+    def _open_listener(self, state: RouteState) -> Any:
+        """A listener for the route: a passed socket parked by an earlier reload, one passed
+        at start (adopted once: its descriptor is closed then), or a new one."""
+        where = state.config.listen
+        factory = self._factory(state)
+        parked = self._parked.pop(str(where), None)
+        if parked is not None:
+            _swap_factory(parked, factory)
+            parked.startReading()
+            return parked
+        keys = [adopted_key(where)] + ([where.name] if where.kind == "systemd" else [])
+        passed = next((k for k in keys if self._inherited.get(k)), None)
+        try:
+            port = self._listen(where, factory, self._inherited)
+        except (CannotListenError, OSError, ValueError) as e:
+            why = e.socketError or e if isinstance(e, CannotListenError) else e
+            raise tls.MaterialError(
+                f"{state.config.direction}[{state.config.name}].listen {where}: "
+                f"cannot listen: {why}"
+            ) from None
+        if passed is not None:
+            del self._inherited[passed]
+            self._adopted.add(str(where))
+        return port
+
+    def _close_listener(self, where: cfg.Listen, port: Any) -> None:
+        """Stop accepting on a listener no route uses now. A passed socket is parked instead
+        of closed: its descriptor is gone, and a later reload may want it back."""
+        if str(where) in self._adopted:
+            port.stopReading()
+            self._parked[str(where)] = port
+        else:
+            port.stopListening()
+
+    def _log_listening(self, state: RouteState) -> None:
+        self.log.info(
+            "{route}: {direction} listening on {where} -> {upstream}",
+            route=state.config.name,
+            direction=state.config.direction,
+            where=_where(state.port, state.config.listen),
+            upstream=str(state.config.upstream),
+        )
 
     def _listen(self, where: cfg.Listen, factory: Any, inherited: Mapping[str, list[int]]) -> Any:
         passed = inherited.get(adopted_key(where))
@@ -318,55 +516,169 @@ class Sidecar:
         now = self.reactor.seconds()
         for state in self.routes:
             state.route.sweep(now)
+        if self._retiring:
+            self._sweep_retiring(now)
         self.access_log.flush()
         if self.accept_errors is not None:
             self.accept_errors.flush(now)
 
-    # ---- reload
-    def _current_signature(self) -> tuple[Any, ...]:
-        paths: list[Path] = []
-        for state in self.routes:
-            paths += key_material_paths(state.config)
-        return _signature(paths)
+    # ---- reload: the whole config file again, swapped in only when all of it is good
+    def _watched(self) -> list[Path]:
+        """The files a change of which reloads: the config file, the key material of the
+        routes in effect, and that of the last config refused (fixing its files retries it)."""
+        paths = [self.config.path]
+        for rc in self.config.routes():
+            paths += key_material_paths(rc)
+        return paths + self._attempted
+
+    def _stat_watched(self) -> dict[str, tuple[Any, ...]]:
+        return {str(p): _file_state(p) for p in self._watched()}
 
     def _watch(self) -> None:
-        sig = self._current_signature()
-        if sig != self._signature:
-            self.log.info("key material changed on disk; reloading")
+        changed = [p for p in self._watched() if _file_state(p) != self._seen.get(str(p))]
+        if changed:
+            what = "config file" if changed[0] == self.config.path else "key material"
+            self.log.info(
+                "{what} changed on disk ({path}); reloading", what=what, path=str(changed[0])
+            )
             self.reload()
 
     def reload(self) -> bool:
-        """Rebuild every TLS context; swap only when all of them load. Returns success."""
+        """Re-read the config file and its key material and validate them as `check` does.
+        Valid: routes whose config is unchanged keep running with their TLS material re-read;
+        the others are built anew and take over their listeners (new connections get them),
+        new listeners open, the replaced routes finish their open connections and close.
+        Invalid: everything running stays as it is. Returns success."""
+        if self.draining:  # stopping: nothing new opens
+            self.log.info("draining: reload ignored")
+            return False
         if self.notifier is not None:
             self.notifier.reloading()
-        self._signature = self._current_signature()
+        path = self.config.path
+        seen = self._stat_watched()  # before reading: a change during the reload is seen next
+        plan: _Plan | None = None
         try:
-            problems = audit.errors(self.config)  # what `check` calls an error is not swapped in
+            try:
+                config = cfg.load(path)
+            except cfg.ConfigError as e:
+                self._attempted = []
+                raise _Refused(_findings_text(e.findings)) from None
+            self._attempted = [p for rc in config.routes() for p in key_material_paths(rc)]
+            seen.update((str(p), _file_state(p)) for p in self._attempted)
+            problems = audit.errors(config)  # what `check` calls an error is not swapped in
             if problems:
-                raise tls.MaterialError(
-                    f"{problems[0].key}: {problems[0].message}"
-                    + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
-                )
-            built: list[tuple[RouteState, Any]] = []
-            upstream_tls: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = []
-            for state in self.routes:
-                if isinstance(state.config, cfg.EgressRoute):
-                    built.append((state, tls.build_client_material(state.config)))
-                else:
-                    built.append((state, tls.build_server_material(state.config)))
-                    if state.client_tls is not None:  # an https internal upstream
-                        upstream_tls.append(
-                            (state.client_tls, tls.build_upstream_material(state.config))
-                        )
-        except tls.MaterialError as e:
+                raise _Refused(_findings_text(problems))
+            plan = self._prepare(config)
+            self._open_listeners(plan)
+        except Exception as e:  # whatever went wrong, what runs stays as it is
+            if plan is not None:
+                self._discard(plan)
+            self._seen = seen
+            if isinstance(e, _Refused):
+                reason = str(e)
+            elif isinstance(e, tls.MaterialError):
+                reason = f"{path}: {e}"
+            else:
+                reason = f"{path}: unexpected {type(e).__name__}: {e}"
             self.metrics.reloads.labels("failure").inc()
             self.log.error(
-                "reload failed, keeping the current key material: {reason}", reason=str(e)
+                "reload failed, keeping the current key material and config: {reason}",
+                reason=reason,
             )
             if self.notifier is not None:
-                self.notifier.ready(f"reload failed: {e}")
+                self.notifier.ready(f"reload failed: {reason}")
             return False
-        for state, material in built:
+        self._attempted = []
+        self._seen = seen
+        self._commit(plan)
+        if self.notifier is not None:
+            self.notifier.ready("reloaded")
+        return True
+
+    def _prepare(self, config: cfg.Config) -> _Plan:
+        """Build what the new config needs; nothing running is touched (tls.MaterialError)."""
+        plan = _Plan(config)
+        running = {(s.config.direction, s.config.name): s for s in self.routes}
+        items: list[tuple[str, cfg.EgressRoute | cfg.IngressRoute]] = [
+            (f"egress[{i}] ({r.name})", r) for i, r in enumerate(config.egress)
+        ]
+        items += [(f"ingress[{i}] ({r.name})", r) for i, r in enumerate(config.ingress)]
+        for key, rc in items:
+            prev = running.get((rc.direction, rc.name))
+            files = _signature(_oauth_paths(rc))
+            try:
+                if prev is not None and prev.config == rc and prev.oauth_files == files:
+                    self._reread_material(prev, plan)
+                    plan.states.append(prev)
+                    plan.kept.append(prev)
+                    continue
+                if isinstance(rc, cfg.EgressRoute):
+                    state = self._build_egress(rc, prev, plan.shared)
+                else:
+                    state = self._build_ingress(rc)
+            except Exception as e:
+                self._discard(plan)
+                if isinstance(e, tls.MaterialError):
+                    raise tls.MaterialError(f"{key}: {e}") from None
+                raise
+            state.oauth_files = files
+            self._count_on(state.route)
+            plan.states.append(state)
+            plan.fresh.append(state)
+        return plan
+
+    def _reread_material(self, state: RouteState, plan: _Plan) -> None:
+        if isinstance(state.config, cfg.EgressRoute):
+            plan.material.append((state, tls.build_client_material(state.config)))
+        else:
+            plan.material.append((state, tls.build_server_material(state.config)))
+            if state.client_tls is not None:  # an https internal upstream
+                plan.upstream.append((state.client_tls, tls.build_upstream_material(state.config)))
+
+    def _count_on(self, route: Route) -> None:
+        """A rebuilt route counts on in the request metrics of the route it replaces."""
+        fresh = route.stats
+        for stats in self.metrics.routes:
+            if stats is not fresh and (stats.route, stats.direction) == (
+                fresh.route,
+                fresh.direction,
+            ):
+                self.metrics.routes.remove(fresh)
+                route.stats = stats
+                return
+
+    def _open_listeners(self, plan: _Plan) -> None:
+        """A new route on the address of a running one that is not kept takes its listener
+        over at the swap; any other gets a listener now (tls.MaterialError)."""
+        kept = {id(s) for s in plan.kept}
+        held = {_listen_key(s.config): s for s in self.routes if s.port and id(s) not in kept}
+        for state in plan.fresh:
+            prev = held.pop(_listen_key(state.config), None)
+            if prev is not None:
+                plan.takeover.append((state, prev))
+            else:
+                plan.opened.append((state, self._open_listener(state)))
+        plan.closing = list(held.values())
+
+    def _discard(self, plan: _Plan) -> None:
+        """Undo a plan that will not be swapped in: nothing ran on it."""
+        for state, port in plan.opened:
+            self._close_listener(state.config.listen, port)
+        plan.opened = []
+        in_use = {id(s.route.stats) for s in self._all_states()}
+        for state in plan.fresh:
+            self._unwatch_pool(state.config.name, state.route.pool)
+            if id(state.route.stats) not in in_use:
+                self.metrics.routes.remove(state.route.stats)
+        plan.fresh = []
+
+    def _commit(self, plan: _Plan) -> None:
+        """The swap, in one reactor turn: no connection is accepted half-way through it."""
+        running, new = self.config, plan.config
+        restart = _restart_keys(running, new)
+        self.config = _in_effect(running, new)
+        # routes kept: their TLS material re-read in place (new connections use it)
+        for state, material in plan.material:
             if isinstance(material, tls.ClientMaterial):
                 assert state.client_tls is not None
                 old = state.client_tls.material.pair
@@ -378,18 +690,134 @@ class Sidecar:
                 state.server_tls.material = material
                 if isinstance(state.route, Ingress):
                     state.route.peers.clear()  # a new client_ca may verify other chains
-        for client, upstream_material in upstream_tls:
+        for client, upstream_material in plan.upstream + plan.shared:
             client.material = upstream_material
-        for state in self.routes:  # a fixed cause heals at once: no waiting out the backoff
+        # listeners: taken over, opened, closed
+        for state, prev in plan.takeover:
+            port = self._release_listener(prev)
+            _swap_factory(port, self._factory(state))
+            state.port, state.route.listener = port, port
+        for state, port in plan.opened:
+            state.port, state.route.listener = port, port
+            self._log_listening(state)
+        for prev in plan.closing:
+            port = self._release_listener(prev)
+            self._close_listener(prev.config.listen, port)
+            self.log.info(
+                "{route}: no longer in the config: stopped listening on {where}",
+                route=prev.config.name,
+                where=str(prev.config.listen),
+            )
+        # the routes in effect; the replaced ones drain
+        before, self.routes = self.routes, plan.states
+        kept = {id(s) for s in plan.kept}
+        running_sources = {id(getattr(s.route, "token_source", None)) for s in before}
+        for prev in before:
+            if id(prev) not in kept:
+                self._retire(prev)
+        for state in self.routes:
             glue = getattr(state.route, "token_source", None)
-            if glue is not None:
+            if glue is None:
+                continue
+            if id(glue) in running_sources:  # a fixed cause heals at once: no backoff wait
                 glue.source.reset_backoff()
+            else:
+                glue.source.start()
+        # what else the config says
+        if running.service.access_log != new.service.access_log:
+            self.access_log.flush()
+            self.access_log.enabled = new.service.access_log
+        if running.service.reload_interval != new.service.reload_interval:
+            self._start_watcher()
+        names = {s.config.name for s in self.routes}
+        for prev in before:
+            if prev.config.name not in names:
+                for role in ("client", "server", "client_ca"):
+                    with contextlib.suppress(KeyError):
+                        self.metrics.certificate_expiry.remove(prev.config.name, role)
         self.metrics.reloads.labels("success").inc()
         self._record_expiry()
-        self.log.info("key material reloaded")
-        if self.notifier is not None:
-            self.notifier.ready("reloaded")
-        return True
+        added = [s.config.name for s in plan.fresh if s.config.name not in
+                 {p.config.name for p in before}]  # fmt: skip
+        self.log.info(
+            "config and key material reloaded: {n} routes ({kept} unchanged, {rebuilt} rebuilt,"
+            " added: {added}, removed: {removed})",
+            n=len(self.routes),
+            kept=len(plan.kept),
+            rebuilt=len(plan.fresh) - len(added),
+            added=", ".join(added) or "none",
+            removed=", ".join(sorted({p.config.name for p in before} - names)) or "none",
+        )
+        if restart:
+            self.log.warn(
+                "reload: {keys} changed: read at start only, the running value stays in effect "
+                "until a restart",
+                keys=", ".join(restart),
+            )
+
+    def _release_listener(self, prev: RouteState) -> Any:
+        """Take a replaced route's listener away from it (resumed if it paused accepting)."""
+        port = prev.port
+        assert port is not None
+        if prev.route.accept_paused:
+            prev.route.accept_paused = False
+            port.startReading()  # type: ignore[attr-defined]
+        prev.route.listener = None
+        prev.port = None
+        return port
+
+    def _retire(self, prev: RouteState) -> None:
+        """The route stops taking requests: each open connection finishes its exchange in
+        flight and closes; an idle keep-alive one closes now. A connection accepted before the
+        swap whose first request is not in yet is answered by this route, then closed."""
+        route = prev.route
+        route.draining = True
+        for down in list(route.connections):
+            down.keep_alive = False
+            if down.current is not None or down.in_head:
+                down.drain()
+        deadline = self.reactor.seconds() + self.config.service.drain_timeout
+        self._retiring.append(_Retiring(prev, deadline))
+
+    def _sweep_retiring(self, now: float) -> None:
+        for retiring in list(self._retiring):
+            route = retiring.state.route
+            route.sweep(now)
+            if route.connections and not retiring.cut:
+                if now < retiring.deadline:
+                    continue
+                retiring.cut = True
+                self.log.warn(
+                    "{route}: replaced by a reload: drain timeout: closing {n} connections",
+                    route=route.name,
+                    n=len(route.connections),
+                )
+                for down in list(route.connections):
+                    down.transport.abortConnection()
+            if not retiring.pool_deadline:  # idle upstream connections close now, politely
+                retiring.pool_deadline = now + route.timeouts.close_grace + SWEEP_INTERVAL
+                route.pool.renew()
+                continue
+            if route.pool.live and now < retiring.pool_deadline:
+                continue
+            route.pool.close_all()
+            self._retiring.remove(retiring)
+            self._unwatch_pool(route.name, route.pool)
+            glue = getattr(route, "token_source", None)
+            if glue is not None and all(
+                getattr(s.route, "token_source", None) is not glue for s in self._all_states()
+            ):
+                glue.source.stop()
+            self.log.debug("{route}: the replaced route is closed", route=route.name)
+
+    def _all_states(self) -> list[RouteState]:
+        """The routes in effect and the replaced ones still finishing their connections."""
+        return self.routes + [r.state for r in self._retiring]
+
+    def _unwatch_pool(self, name: str, pool: Pool) -> None:
+        pools = self._pools.get(name, [])
+        if pool in pools:
+            pools.remove(pool)
 
     def _record_expiry(self) -> None:
         gauge = self.metrics.certificate_expiry
@@ -421,11 +849,11 @@ class Sidecar:
         done: defer.Deferred[None] = defer.Deferred()
 
         def check() -> None:
-            busy = sum(len(s.route.connections) for s in self.routes)
+            busy = sum(len(s.route.connections) for s in self._all_states())
             if busy == 0 or self.reactor.seconds() >= deadline:
                 if busy:
                     self.log.warn("drain timeout: closing {n} connections", n=busy)
-                for s in self.routes:
+                for s in self._all_states():
                     s.route.abort_all()
                 poll.stop()
                 self.access_log.flush()
