@@ -773,9 +773,7 @@ class Sidecar:
         route = prev.route
         route.draining = True
         for down in list(route.connections):
-            down.keep_alive = False
-            if down.current is not None or down.in_head:
-                down.drain()
+            down.drain()
         deadline = self.reactor.seconds() + self.config.service.drain_timeout
         self._retiring.append(_Retiring(prev, deadline))
 

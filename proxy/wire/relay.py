@@ -728,10 +728,13 @@ class Downstream(Protocol):
             self.close()
 
     def drain(self) -> None:
-        """Stop after the exchange in flight; close now if idle."""
+        """Stop after the exchange in flight. An idle keep-alive connection closes now; one whose
+        first request is not in yet (just accepted, or mid-handshake) is answered once, then
+        closed: its client sent nothing it could retry on a connection we cut."""
         self.keep_alive = False
-        if self.exchange is None and not self.in_head and not self.queue:
-            self.close()
+        if self.current is not None and self.exchange is None and not self.in_head:
+            if not self.queue:
+                self.close()
 
     # ---- transport helpers
     def write(self, data: bytes) -> None:

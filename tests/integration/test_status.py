@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,15 +132,23 @@ def test_readyz_is_503_naming_an_oauth_route_without_a_token(env: Env) -> None:
     sidecar = Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])
     with running(sidecar):
         ready = curl(f"http://127.0.0.1:{ports['admin']}/readyz")
-        out = status(conf, "--json")
+        deadline = time.monotonic() + 10
+        while True:  # the first fetch fails within the connect timeout; then the error shows
+            out = status(conf, "--json")
+            routes = {r["name"]: r for r in json.loads(out.stdout)["routes"]}
+            if routes["d1"]["oauth"]["last_error"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        again = curl(f"http://127.0.0.1:{ports['admin']}/readyz")
     assert ready.status == 503
     body = json.loads(ready.body)
     assert body["ready"] is False
     (reason,) = body["reasons"]
     assert reason.startswith("d1: no valid OAuth token")
     assert out.returncode == 1
-    token = {r["name"]: r for r in json.loads(out.stdout)["routes"]}["d1"]["oauth"]
+    token = routes["d1"]["oauth"]
     assert token["valid_until"] is None and token["last_error"]
+    assert again.status == 503 and "last error: " in json.loads(again.body)["reasons"][0]
 
 
 def test_status_without_a_running_sidecar_says_so(env: Env) -> None:
