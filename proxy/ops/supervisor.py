@@ -337,7 +337,12 @@ class Supervisor:
     def _rejected(self, msg: dict[str, Any]) -> dict[str, Any]:
         source = self.tokens.get(msg.get("route", ""))
         if source is not None:
-            source.source.invalidate(str(msg.get("token", "")))
+            before = source.source.state()["valid_until"]
+            token = str(msg.get("token", ""))
+            source.source.invalidate(token)
+            if source.source.state()["valid_until"] != before:  # dropped: every worker drops it
+                for w in self.workers:
+                    w.channel.notify("drop", route=msg["route"], token=token)
         return {}
 
     # ---- reload: a new generation

@@ -94,6 +94,10 @@ class RemoteToken:
                     self.value = None
                 self.channel.notify("rejected", route=self.route, token=token)
 
+    def forget(self, token: str) -> None:
+        if token == self.value:
+            self.value = None
+
     # what the service calls on a token source
     def start(self) -> None:
         pass
@@ -114,8 +118,22 @@ class RemoteToken:
 
 
 def token_sources(channel: Channel, clock: Any) -> Any:
-    """route name -> its RemoteToken (what the service builds instead of a token source)."""
-    return lambda route: RemoteToken(channel, route, clock)
+    """route name -> its RemoteToken (what the service builds instead of a token source).
+    The supervisor's "drop" (a token refused with 401 in any worker) reaches every copy."""
+    made: dict[str, list[RemoteToken]] = {}
+
+    def drop(msg: dict[str, Any]) -> dict[str, Any]:
+        for token in made.get(msg.get("route", ""), []):
+            token.forget(str(msg.get("token", "")))
+        return {}
+
+    def source(route: str) -> RemoteToken:
+        token = RemoteToken(channel, route, clock)
+        made.setdefault(route, []).append(token)
+        return token
+
+    channel.handlers["drop"] = drop
+    return source
 
 
 def serve(channel: Channel, sidecar: Any, orphaned: Any) -> None:

@@ -133,7 +133,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     nginx = Nginx(
         d / "nginx",
         mtls_server(f"127.0.0.1:{origin}", d / "origin.pem", d / "origin.key",
-                    d / "client-ca.pem", 'location / { return 200 "$http_authorization"; }'),
+                    d / "client-ca.pem", 'location /reject { return 401 "no"; }\n'
+                    'location / { return 200 "$http_authorization"; }'),
     ).start([("127.0.0.1", origin)])  # fmt: skip
     upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
     try:
@@ -199,6 +200,59 @@ def test_one_token_fetch_for_200_concurrent_requests_over_4_workers(
     assert len(bearers) == 1 and next(iter(bearers)).startswith(b"Bearer ")
     calls = [json.loads(x) for x in record.read_text().splitlines()]
     assert len(calls) == 1
+
+
+def test_a_401_in_one_worker_drops_the_token_for_all(env: Env, tmp_path: Path) -> None:
+    record = tmp_path / "stats.jsonl"
+    tokens = env.token_server(record)
+    oauth = f"""
+            [egress.oauth]
+            token_url = "https://localhost:{tokens.port}/authz/v1/oauth2/token"
+            issuer = "MGW0000001"
+            signing_key = "oauth.key"
+            key_id = "kid-1"
+    """
+    setup = env.config("reject", 2, oauth)
+    try:
+        setup.start()
+        url = f"http://127.0.0.1:{setup.ports['egress']}"
+        first = {curl(f"{url}/a{i}").body for i in range(6)}
+        time.sleep(5.2)  # a token is dropped on a 401 only once it is 5 s old
+        assert curl(f"{url}/reject").status == 401
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(record.read_text().splitlines()) < 2:
+            time.sleep(0.1)
+        after = {curl(f"{url}/b{i}").body for i in range(6)}
+    finally:
+        setup.sidecar.stop()
+        tokens.stop()
+    assert len(first) == 1 and len(after) == 1 and first != after  # every worker moved on
+    assert len(record.read_text().splitlines()) == 2
+
+
+def test_supervisor_tells_systemd_ready_reloading_stopping(env: Env, tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.settimeout(15)
+    setup = env.config("notify", 2)
+    setup.sidecar.start([("127.0.0.1", setup.ports["admin"])], env={"NOTIFY_SOCKET": str(path)})
+    try:
+        ready = listener.recv(4096)
+        assert setup.sidecar.proc is not None
+        assert b"READY=1" in ready and b"2 workers" in ready
+        assert setup.egress() == 200  # READY came once the workers listen
+        setup.sidecar.proc.send_signal(signal.SIGHUP)
+        assert b"RELOADING=1" in listener.recv(4096)
+        assert b"READY=1" in listener.recv(4096)
+        setup.sidecar.proc.send_signal(signal.SIGTERM)
+        assert b"STOPPING=1" in listener.recv(4096)
+        assert setup.sidecar.proc.wait(15) == 0
+    finally:
+        setup.sidecar.stop()
+        listener.close()
 
 
 def test_reload_is_a_new_generation_with_no_failed_request(env: Env) -> None:
