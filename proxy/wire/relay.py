@@ -732,9 +732,9 @@ class Downstream(Protocol):
         first request is not in yet (just accepted, or mid-handshake) is answered once, then
         closed: its client sent nothing it could retry on a connection we cut."""
         self.keep_alive = False
-        if self.current is not None and self.exchange is None and not self.in_head:
-            if not self.queue:
-                self.close()
+        idle = self.exchange is None and not self.in_head and not self.queue
+        if idle and self.current is not None:
+            self.close()
 
     # ---- transport helpers
     def write(self, data: bytes) -> None:
