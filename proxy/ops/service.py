@@ -6,13 +6,11 @@ import contextlib
 import os
 import re
 import signal
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
-from cryptography.hazmat.primitives import hashes
 from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -23,9 +21,10 @@ from proxy.ops import audit
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
-from proxy.telemetry.logs import AcceptErrors, AccessLog
+from proxy.telemetry.logs import AcceptErrors, AccessLog, rfc3339
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
+from proxy.tls import pki
 from proxy.wire.pool import Pool
 from proxy.wire.relay import DownstreamFactory
 from proxy.wire.resolver import DNSResolver
@@ -341,7 +340,7 @@ class Sidecar:
 
     def _connected(self, route: str, result: str) -> None:
         self.metrics.upstream_connects.labels(route, result).inc()
-        self.last_connect[route] = {"result": result, "time": _rfc3339(self.reactor.seconds())}
+        self.last_connect[route] = {"result": result, "time": rfc3339(self.reactor.seconds())}
 
     # ---- what the admin listener and `status` show
     def readiness(self) -> list[str]:
@@ -390,7 +389,7 @@ class Sidecar:
                     "oauth": None
                     if token is None
                     else {
-                        k: (_rfc3339(v) if k in ("valid_until", "last_fetch") and v else v)
+                        k: (rfc3339(v) if k in ("valid_until", "last_fetch") and v else v)
                         for k, v in token.items()
                     },
                     "last_upstream_connect": self.last_connect.get(c.name),
@@ -873,16 +872,8 @@ def _token_state(route: Route) -> dict[str, Any] | None:
 
 
 def _cert_facts(cert: Any) -> dict[str, str]:
-    return {
-        "subject": cert.subject.rfc4514_string(),
-        "serial": f"{cert.serial_number:x}",
-        "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
-    }
-
-
-def _rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    facts = pki.describe(cert)
+    return {k: facts[k] for k in ("subject", "serial", "not_after", "sha256")}
 
 
 _SECRET_KEY = re.compile(r"(?i)secret|password|token$|credential")

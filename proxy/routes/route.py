@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from twisted.internet import defer
@@ -10,7 +9,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxy.config import Limits, Timeouts
-from proxy.telemetry.logs import AccessLog, RateLimitedLog
+from proxy.telemetry.logs import AccessLog, RateLimitedLog, rfc3339
 from proxy.telemetry.metrics import Metrics
 from proxy.wire.http import ProxyError, RequestHead, error_response
 from proxy.wire.pool import Pool
@@ -144,8 +143,7 @@ class Route:
             method = head.method.decode("latin-1")
             path = head.target.split(b"?", 1)[0].decode("latin-1")
             record = {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-                + f".{int(now * 1000) % 1000:03d}Z",
+                "time": rfc3339(now),
                 "level": "info",
                 "logger": "access",
                 "msg": f"{method} {path} {status}",

@@ -25,7 +25,7 @@ from twisted.logger import (
 from zope.interface import implementer
 
 
-def _iso(t: float) -> str:
+def rfc3339(t: float) -> str:
     """RFC 3339 in UTC with a Z, to the millisecond."""
     stamp = datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
     return stamp.removesuffix("+00:00") + "Z"
@@ -66,7 +66,7 @@ class LineObserver:
             text += "\n" + failure.getTraceback()
         if self.fmt == "json":
             record: dict[str, Any] = {
-                "time": _iso(event.get("log_time", 0.0)),
+                "time": rfc3339(event.get("log_time", 0.0)),
                 "level": level.name,
                 "logger": event.get("log_namespace", ""),
                 "msg": text,
@@ -76,7 +76,7 @@ class LineObserver:
                     record[key] = event[key]
             line = json.dumps(record, ensure_ascii=True)
         else:
-            line = f"{_iso(event.get('log_time', 0.0))} {level.name.upper():5} {text}"
+            line = f"{rfc3339(event.get('log_time', 0.0))} {level.name.upper():5} {text}"
         self.stream.write(line + "\n")
         self.stream.flush()
 
