@@ -42,10 +42,16 @@ LATE = "C=FR,O=Partner,CN=late.partner.example"  # refused at first, allowed by 
 class Env:
     dir: Path
     server_ca: Issued
-    client_serial: str  # the egress client certificate's serial as nginx prints it
+    client_serial: str  # the egress client certificate's serial as nginx prints it (whole bytes)
     origin_port: int
     upstream: Peer
     record: Path
+
+
+def nginx_serial(serial: int) -> str:
+    """A serial as nginx's $ssl_client_serial prints it: upper-case hex, whole bytes."""
+    digits = f"{serial:X}"
+    return "0" * (len(digits) % 2) + digits
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +82,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         ),
     ).start([("127.0.0.1", port)])
     try:
-        yield Env(d, server_ca, f"{client.cert.serial_number:X}", port, upstream, record)
+        yield Env(d, server_ca, nginx_serial(client.cert.serial_number), port, upstream, record)
     finally:
         nginx.stop()
         upstream.stop()
