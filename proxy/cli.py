@@ -43,6 +43,9 @@ def _run(args: argparse.Namespace) -> int:
     environ = dict(os.environ)
     inherited = listen_fds(os.environ, os.getpid, unset=True)
 
+    from proxy.wire.reactor import install
+
+    install()  # before the first import of the global reactor
     from twisted.internet import reactor
 
     from proxy import config as cfg
@@ -173,6 +176,9 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from proxy.wire.reactor import install
+
+    install()  # the demo runs the real data path: the same reactor as `run`
     from proxy.commands.demo import run_demo
 
     return run_demo()

@@ -62,14 +62,19 @@ def socket_of(transport: Any) -> Any:
 
 
 def send_now(raw: Any) -> None:
-    """Send what this turn queued on a connection now, not on the next reactor turn.
+    """Send what this turn left queued on a connection now, not on the next reactor turn.
 
-    Twisted queues every write until the socket polls writable; on a request/response path that
-    costs a poll registration and a dispatch per message. IWriteDescriptor.doWrite() is the
-    reactor's own way in: if the socket cannot take the data the rest stays queued and the
-    reactor finishes it (and reports any error) as usual.
+    Under the sidecar's reactor (wire.reactor) writes already go out at once and nothing is
+    queued unless the socket was full. Under Twisted's plain reactors every write is queued
+    until the socket polls writable; IWriteDescriptor.doWrite() is the reactor's own way in,
+    and whatever the socket cannot take stays queued for the reactor as usual.
     """
-    if raw is not None and raw.connected and not raw.disconnecting:
+    if (
+        raw is not None
+        and (raw._tempDataLen or raw.offset < len(raw.dataBuffer))
+        and raw.connected
+        and not raw.disconnecting
+    ):
         raw.doWrite()
 
 

@@ -387,9 +387,13 @@ def test_ingress_answers_it_writes_itself_respect_backpressure(env: Env) -> None
 def test_egress_answers_it_writes_itself_respect_backpressure(env: Env) -> None:
     ing = env.egress("foreign", 9).start()
     with running(ing.sidecar):
+        request = b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n"
+        warm = socket.create_connection(("127.0.0.1", ing.port))
+        _flood_without_reading(warm, request, 40 * 1024 * 1024)  # one-time allocations
+        warm.close()
+        time.sleep(0.5)
         s = socket.create_connection(("127.0.0.1", ing.port))
         before = rss_mb(ing.pid)
-        request = b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n"
         sent = _flood_without_reading(s, request, 40 * 1024 * 1024)
         grown = rss_mb(ing.pid) - before
         s.close()
