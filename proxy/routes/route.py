@@ -9,7 +9,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxy.config import Limits, Timeouts
-from proxy.telemetry.logs import AccessLog, RateLimitedLog, rfc3339
+from proxy.telemetry.logs import AccessLog, RateLimitedLog, fields, route_fields
 from proxy.telemetry.metrics import Metrics
 from proxy.wire.http import ProxyError, RequestHead, error_response
 from proxy.wire.pool import Pool
@@ -43,6 +43,7 @@ class Route:
         self.peer_log = RateLimitedLog(self.log, clock)
         self.stats = metrics.route_stats(name, self.direction)
         self._open = metrics.connections_open.labels(name, "downstream")
+        self._route_fields = route_fields(name, self.direction)
 
     # ---- policy hooks
     def prepare(
@@ -142,27 +143,22 @@ class Route:
             head = ex.head
             method = head.method.decode("latin-1")
             path = head.target.split(b"?", 1)[0].decode("latin-1")
-            record = {
-                "time": rfc3339(now),
-                "level": "info",
-                "logger": "access",
-                "msg": f"{method} {path} {status}",
-                "kind": "access",
-                "route": self.name,
-                "direction": self.direction,
-                "method": method,
-                "path": path,
-                "status": status,
-                "bytes": ex.bytes_out,
-                "duration_ms": round((now - ex.started) * 1000, 3),
-                "upstream": ex.up_address,
-                "client": down.peer_host,
-                "correlation_id": _correlation(ex).decode("latin-1"),
-            }
+            extra = self.access_fields(ex, down)
             if ex.error is not None:
-                record["error"] = ex.error.code
-            record.update(self.access_fields(ex, down))
-            self.access_log.write(record)
+                extra = {"error": ex.error.code, **extra}
+            self.access_log.request(
+                now,
+                self._route_fields,
+                method,
+                path,
+                status,
+                ex.bytes_out,
+                now - ex.started,
+                ex.up_address,
+                down.peer_host,
+                _correlation(ex).decode("latin-1"),
+                fields(extra) if extra else "",
+            )
 
     # ---- time and lifecycle
     def sweep(self, now: float) -> None:

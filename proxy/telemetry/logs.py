@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from json.encoder import encode_basestring_ascii as _quote  # the encoder's own quoting (C)
 from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -24,11 +25,19 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+_second: list[Any] = [None, ""]  # the last whole second formatted: one per second, not per line
+
 
 def rfc3339(t: float) -> str:
-    """RFC 3339 in UTC with a Z, to the millisecond."""
-    stamp = datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
-    return stamp.removesuffix("+00:00") + "Z"
+    """RFC 3339 in UTC with a Z, to the millisecond (truncated, as isoformat does)."""
+    whole = int(t // 1)
+    micros = round((t - whole) * 1_000_000)  # datetime rounds to the microsecond first
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    if _second[0] != whole:
+        stamp = datetime.datetime.fromtimestamp(whole, datetime.UTC)
+        _second[:] = [whole, stamp.strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{micros // 1000:03d}Z"
 
 
 # Twisted's own chatter about ports and factories: nothing an operator acts on.
@@ -149,11 +158,22 @@ def start_logging(
     return accept_errors
 
 
+def route_fields(name: str, direction: str) -> str:
+    """The route's part of every access line, encoded once."""
+    return f'"route":{_quote(name)},"direction":{_quote(direction)}'
+
+
+def fields(values: dict[str, Any]) -> str:
+    """Extra members for an access line, each preceded by a comma ("" for none)."""
+    return "".join(f",{_quote(k)}:{json.dumps(v, ensure_ascii=True)}" for k, v in values.items())
+
+
 PIPE_BUF = 4096  # a write() of at most this many bytes to a pipe is never interleaved
 
 
 class AccessLog:
-    """JSON lines, collected and written by the route sweep (four times a second) and at exit.
+    """JSON lines, written when PIPE_BUF bytes are collected, by the route sweep (four times a
+    second) and at exit: a burst of requests never piles up lines in memory.
 
     Several workers share one stdout: lines go out in writes of whole lines, each at most
     PIPE_BUF bytes, so no line is ever cut by another process's."""
@@ -163,6 +183,7 @@ class AccessLog:
         self.enabled = enabled
         self._dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
         self._lines: list[str] = []
+        self._size = 0
         try:
             self._fd: int | None = self.stream.fileno()
         except (AttributeError, OSError, ValueError):
@@ -170,10 +191,43 @@ class AccessLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            self._lines.append(self._dumps(record) + "\n")
+            self._add(self._dumps(record) + "\n")
+
+    def _add(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= PIPE_BUF:  # a full write's worth: out now, the buffer stays small
+            self.flush()
+
+    def request(
+        self,
+        now: float,
+        route: str,
+        method: str,
+        path: str,
+        status: int,
+        size: int,
+        duration: float,
+        upstream: str,
+        client: str,
+        correlation_id: str,
+        extra: str,
+    ) -> None:
+        """One request's line. The same JSON object json.dumps would give, written by hand:
+        this runs for every request, and a dict through the encoder costs several times more.
+        ROUTE and EXTRA come pre-encoded (see route_fields, fields); the rest is quoted here."""
+        q = _quote
+        msg = f"{method} {path} {status}"
+        self._add(
+            f'{{"time":"{rfc3339(now)}","level":"info","logger":"access","msg":{q(msg)},'
+            f'"kind":"access",{route},"method":{q(method)},"path":{q(path)},'
+            f'"status":{status},"bytes":{size},"duration_ms":{round(duration * 1000, 3)!r},'
+            f'"upstream":{q(upstream)},"client":{q(client)},'
+            f'"correlation_id":{q(correlation_id)}{extra}}}\n'
+        )
 
     def flush(self) -> None:
-        lines, self._lines = self._lines, []
+        lines, self._lines, self._size = self._lines, [], 0
         if not lines:
             return
         if self._fd is None:
