@@ -72,7 +72,58 @@ def nginx_figures(d: Path) -> tuple[float, float]:
         nginx.stop()
 
 
+def floor_server(d: Path, port: int) -> None:
+    """The floor under the sidecar: a bare blocking pyOpenSSL server, the OpenSSL the sidecar
+    links (cryptography's), with the sidecar's ingress settings. It answers one request per
+    connection and holds it, with no Python above the TLS connection and socket."""
+    import socket as sk
+
+    from OpenSSL import SSL
+
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.use_certificate_chain_file(str(d / "server.pem"))
+    ctx.use_privatekey_file(str(d / "server.key"))
+    ctx.load_verify_locations(str(d / "client-ca.pem"))
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    listener = sk.create_server(("127.0.0.1", port), backlog=2048)
+    print("LISTENING", flush=True)
+    held = []
+    while True:
+        s, _ = listener.accept()
+        conn = SSL.Connection(ctx, s)
+        conn.set_accept_state()
+        try:
+            conn.do_handshake()
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (SSL.Error, OSError):
+            s.close()
+            continue
+        held.append(conn)
+
+
+def floor_figures(d: Path) -> tuple[float, float]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--floor-server", str(d), str(port)], stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        return measure(proc.pid, port, d)
+    finally:
+        stop(proc)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--floor-server"]:
+        floor_server(Path(sys.argv[2]), int(sys.argv[3]))
+        return
     d = Path(tempfile.mkdtemp(prefix="idle-rss-"))
     server_ca, client_ca = make_ca(), make_ca("C=FR,O=Client,CN=Client CA")
     write_ca(server_ca, d / "server-ca.pem")
@@ -104,14 +155,18 @@ max_connections = 2000
         stop(proc)
         upstream.stop()
     nbase, nheld = nginx_figures(d)
+    fbase, fheld = floor_figures(d)
     ours, theirs = (held - base) * 1024 / N, (nheld - nbase) * 1024 / N
+    floor = (fheld - fbase) * 1024 / N
     print(
         f"\nidle keep-alive mTLS connections: {N}, ECDSA P-256, TLS 1.3, same client\n"
         f"  sidecar (1 worker): RSS {base:.1f} MB before, {held:.1f} MB holding them: "
         f"{ours:.1f} KiB each\n"
         f"  nginx (1 worker):   RSS {nbase:.1f} MB before, {nheld:.1f} MB holding them: "
         f"{theirs:.1f} KiB each\n"
-        f"  per connection: sidecar/nginx = {ours / theirs:.2f} (target <= 1.2)"
+        f"  floor (bare pyOpenSSL server, the sidecar's OpenSSL): {floor:.1f} KiB each\n"
+        f"  per connection: sidecar/nginx = {ours / theirs:.2f} (target <= 1.2), "
+        f"sidecar/floor = {ours / floor:.2f}"
     )
 
 

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ssl_ffi
 from OpenSSL._util import lib as _ssl_lib
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -342,12 +343,51 @@ def verify_hostname_error(conn: SSL.Connection, name: str) -> str | None:
     return None
 
 
+_MEM_BIO_CALLS = all(
+    hasattr(_ssl_lib, name) for name in ("BIO_new", "BIO_s_mem", "BIO_free", "BIO_get_mem_data")
+) and hasattr(_ssl_lib, "SSL_set_bio")
+
+
+def _buffered(bio: Any) -> int:
+    """Bytes written to a memory BIO and not read yet."""
+    return int(_ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.NULL))
+
+
+class TLSProtocol(TLSMemoryBIOProtocol):
+    """Twisted's TLS over memory BIOs, with release_buffers() for connections gone idle."""
+
+    def release_buffers(self) -> None:
+        """Give back the memory of the two memory BIOs between OpenSSL and the socket.
+
+        Each BIO's buffer grows to the largest burst it ever held (the handshake flights, a
+        request body read 64 KiB at a time, the 16 KiB records of a response) and never
+        shrinks; MODE_RELEASE_BUFFERS frees OpenSSL's own record buffers, not these. When both
+        are empty they are swapped for new ones, which allocate nothing until written to: an
+        idle connection then holds a few hundred bytes here instead of up to ~100 KiB."""
+        conn = self._tlsConnection
+        if conn is None or not self._handshakeDone or self._lostTLSConnection:
+            return
+        into = getattr(conn, "_into_ssl", None)  # pyOpenSSL's BIOs: no public accessor
+        out = getattr(conn, "_from_ssl", None)
+        if not _MEM_BIO_CALLS or into is None or out is None or _buffered(into) or _buffered(out):
+            return
+        fresh_in = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
+        fresh_out = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
+        if fresh_in == _ssl_ffi.NULL or fresh_out == _ssl_ffi.NULL:
+            for bio in (fresh_in, fresh_out):
+                if bio != _ssl_ffi.NULL:
+                    _ssl_lib.BIO_free(bio)
+            return
+        _ssl_lib.SSL_set_bio(conn._ssl, fresh_in, fresh_out)  # frees the old pair
+        conn._into_ssl, conn._from_ssl = fresh_in, fresh_out
+
+
 def tls_factory(creator: Any, is_client: bool, wrapped: Any) -> TLSMemoryBIOFactory:
     """TLS around a factory, without Twisted's small-write aggregation: the relay already
     writes whole messages (one cork per upstream read), so the aggregator's per-write
     callLater(0) would only add a timer and a loop iteration to every request."""
     factory = TLSMemoryBIOFactory(creator, is_client, wrapped)
-    factory.protocol = TLSMemoryBIOProtocol
+    factory.protocol = TLSProtocol
     factory.noisy = False
     return factory
 

@@ -8,7 +8,6 @@ what to forward, where, and with which headers.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +36,7 @@ _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUFFER_HIGH = 64 * 1024
 LOCAL_BODY_LIMIT = 16 * 1024  # bodies answered by the sidecar itself are small forms
+_READING: frozenset[str] = frozenset()  # no pause reason: shared by every connection that reads
 
 # (head, body) -> (status, headers, body): a request the sidecar answers itself
 LocalHandler = Callable[[RequestHead, bytes], tuple[int, Sequence[tuple[bytes, bytes]], bytes]]
@@ -394,6 +394,8 @@ class Exchange:
 class _PausedTransport:
     """Registered on the downstream transport: its write buffer full -> stop reading upstream."""
 
+    __slots__ = ("down",)
+
     def __init__(self, down: Downstream) -> None:
         self.down = down
 
@@ -433,10 +435,15 @@ class Downstream(Protocol):
     def __init__(self, route: Any) -> None:
         self.route = route
         self.clock = route.clock
-        self.parser = httptools.HttpRequestParser(self)
+        # made on the first bytes of a request and dropped between requests: an idle
+        # keep-alive connection holds no parser
+        self.parser: Any = None
+        self.parsing = False  # inside parser.feed_data: the parser must not be dropped
         self.exchange: Exchange | None = None
-        self.current: Exchange | None = None
-        self.queue: deque[Exchange] = deque()
+        self.current: Exchange | None = None  # the last request parsed, until it is answered
+        self.had_request = False
+        # a list, not a deque: almost always empty, and a deque allocates a block up front
+        self.queue: list[Exchange] = []
         self.keep_alive = True
         self.version_11 = True
         self.gone = False
@@ -445,7 +452,7 @@ class Downstream(Protocol):
         self.refusing = False  # input past a fatal error is not parsed into requests
         self.handshake_done = True
         self.handshake_timed_out = False
-        self.paused: set[str] = set()
+        self.paused = _READING
         self.write_paused = False
         self.deadline = 0.0
         self.in_head = False
@@ -484,8 +491,12 @@ class Downstream(Protocol):
             return
         if self.in_head or self.exchange is None:
             self.head_bytes += len(data)
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
+        self.parsing = True
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # CONNECT (answered 405) or an Upgrade request (forwarded without its Upgrade
             # header): the parser cannot go on, so this connection ends after that exchange.
@@ -499,6 +510,8 @@ class Downstream(Protocol):
         except httptools.HttpParserError as e:
             self._bad(ProxyError(400, "bad_request", f"malformed HTTP request: {e}"))
             return
+        finally:
+            self.parsing = False
         if self.in_head and self.head_bytes > self.route.limits.max_header_bytes:
             self._bad(
                 ProxyError(
@@ -509,8 +522,11 @@ class Downstream(Protocol):
             )
             return
         ex = self.exchange
-        if ex is not None and ex.up is not None:
-            send_now(ex.up.raw)
+        if ex is not None:
+            if ex.up is not None:
+                send_now(ex.up.raw)
+        elif self.current is None and not self.in_head and not self.queue:
+            self.parser = None  # answered while these bytes were parsed (see _rest)
 
     def _bad(self, err: ProxyError) -> None:
         """Unparseable input: answer it after what is queued, then close; nothing more is read."""
@@ -613,6 +629,7 @@ class Downstream(Protocol):
         if (head.content_length is None and not chunked) or self.refusing:
             ex.request_done = True
         self.current = ex
+        self.had_request = True
         if self.exchange is None and not self.queue and not self.write_paused:
             self._begin(ex)
         else:
@@ -650,7 +667,7 @@ class Downstream(Protocol):
         ex.start()
 
     def next_exchange(self) -> None:
-        nxt = self.queue.popleft()
+        nxt = self.queue.pop(0)
         if not self.queue:
             self.resume("pipelined")
         self._begin(nxt)
@@ -672,6 +689,22 @@ class Downstream(Protocol):
                 self.next_exchange()
             return
         self.deadline = self.clock.seconds() + self.route.timeouts.idle
+        self._rest()
+
+    def _rest(self) -> None:
+        """Idle between requests: hold nothing of the last one. A keep-alive connection may
+        stay idle for minutes, by thousands: its last exchange (head, headers, the headers sent
+        upstream), the parser and TLS buffers grown by past traffic would all stay with it."""
+        self.current = None
+        if not self.in_head:  # else the next head is arriving: its url and headers so far
+            self.url = b""
+            self.headers = []
+            if not self.parsing:  # else dataReceived drops it once feed_data returns
+                self.parser = None
+        self.uncork()  # the end of the response, before the TLS buffers are given back
+        release = getattr(self.transport, "release_buffers", None)
+        if release is not None:
+            release()
 
     def abort(self, ex: Exchange) -> None:
         """The response cannot be completed: the client must see a broken connection."""
@@ -733,7 +766,7 @@ class Downstream(Protocol):
         closed: its client sent nothing it could retry on a connection we cut."""
         self.keep_alive = False
         idle = self.exchange is None and not self.in_head and not self.queue
-        if idle and self.current is not None:
+        if idle and self.had_request:
             self.close()
 
     # ---- transport helpers
@@ -789,11 +822,11 @@ class Downstream(Protocol):
     def pause(self, reason: str) -> None:
         if not self.paused and not self.gone:
             self.transport.pauseProducing()
-        self.paused.add(reason)
+        self.paused = self.paused | {reason}
 
     def resume(self, reason: str) -> None:
         if reason in self.paused:
-            self.paused.discard(reason)
+            self.paused = self.paused - {reason} or _READING
             if not self.paused and not self.gone:
                 self.transport.resumeProducing()
 

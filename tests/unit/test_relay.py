@@ -800,3 +800,46 @@ def test_upgrade_request_is_forwarded_without_upgrade_and_the_connection_then_cl
     assert rig.received().startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"Connection: close" in rig.received()
     assert rig.client.disconnecting
+
+
+# --------------------------------------------------------------------------- idle connections
+def assert_holds_nothing(down: Downstream) -> None:
+    assert down.exchange is None and down.current is None and not down.queue
+    assert down.parser is None
+    assert (down.url, down.headers) == (b"", [])
+
+
+def test_an_idle_keep_alive_connection_holds_nothing_of_its_last_request(rig: Rig) -> None:
+    rig.send(b"GET /v1/cards HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 500 + b"\r\n\r\n")
+    rig.upstream().reply(OK_HELLO)
+    assert one_response(rig).body == b"hello"
+    assert_holds_nothing(rig.down)
+    rig.client.clear()
+    # the next request on the same connection, its head split across reads, is served
+    rig.send(b"GET /v1/next HTTP/1.1\r\nHo")
+    assert rig.down.parser is not None
+    rig.send(b"st: x\r\n\r\n")
+    up = rig.upstream()
+    assert one_request(up).start == b"GET /v1/next HTTP/1.1"
+    up.reply(OK_HELLO)
+    assert one_response(rig).status == 200
+    assert_holds_nothing(rig.down)
+
+
+def test_a_request_answered_while_its_bytes_are_parsed_leaves_nothing_held(rig: Rig) -> None:
+    rig.send(b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
+    proxy_error(rig, 403, "forbidden_host")
+    assert_holds_nothing(rig.down)
+    rig.client.clear()
+    rig.send(GET)
+    rig.upstream().reply(OK_HELLO)
+    assert one_response(rig).body == b"hello"
+
+
+def test_pipelined_requests_answered_locally_in_one_read_are_all_answered(rig: Rig) -> None:
+    foreign = b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n"
+    rig.send(foreign + foreign + GET)
+    up = rig.upstream()
+    up.reply(OK_HELLO)
+    assert [m.status for m in messages(rig.received())] == [403, 403, 200]
+    assert_holds_nothing(rig.down)
