@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 from twisted.names import dns, error, server
 
 
@@ -42,9 +43,20 @@ def main() -> None:
     factory = server.DNSServerFactory(authorities=[FileAuthority(args.zone)])
     factory.noisy = False
     protocol = dns.DNSDatagramProtocol(factory)
-    udp = reactor.listenUDP(args.port, protocol, interface="127.0.0.1")  # type: ignore[attr-defined]
-    port = udp.getHost().port
-    reactor.listenTCP(port, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+    # UDP picks a free port; TCP must get the same number, which another process may hold:
+    # then try another
+    for _ in range(20):
+        udp = reactor.listenUDP(args.port, protocol, interface="127.0.0.1")  # type: ignore[attr-defined]
+        port = udp.getHost().port
+        try:
+            reactor.listenTCP(port, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+            break
+        except CannotListenError:
+            if args.port:
+                raise
+            udp.stopListening()
+    else:
+        raise SystemExit("no port free for both UDP and TCP")
     print(f"LISTENING {port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 
