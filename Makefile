@@ -70,6 +70,10 @@ image: $(STAMP) build/wheelhouse-deps.stamp
 	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
 	  $(BIN)/pip wheel -q --no-deps -w $(WHEELHOUSE)/app .
 	$(PODMAN) build --network=none --build-arg BASE=$(BASE) -t $(IMAGE) -f Containerfile .
+	# what this build superseded: the app stage it made, and the image the tag left; the deps
+	# stage stays, as the cache of the next build
+	$(PODMAN) image prune -f --filter label=io.mtls-sidecar.stage=app >/dev/null
+	$(PODMAN) image prune -f --filter label=io.mtls-sidecar.stage=image >/dev/null
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

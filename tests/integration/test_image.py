@@ -491,3 +491,16 @@ def test_image_holds_no_compiler_no_pip_and_no_build_leftovers(image: str) -> No
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout == ""
+
+
+def test_a_build_leaves_no_superseded_image_behind(image: str) -> None:
+    """Each build supersedes its app stage and the image the tag pointed at; left dangling, a
+    few hundred builds fill the disk. Only the deps stage stays, as the next build's cache."""
+    out = podman(
+        "images", "--filter", "dangling=true",
+        "--filter", "label=io.mtls-sidecar.stage",
+        "--format", "{{.ID}} {{index .Labels \"io.mtls-sidecar.stage\"}}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    left = [line for line in out.stdout.splitlines() if not line.endswith(" deps")]
+    assert left == []
