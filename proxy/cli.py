@@ -77,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     notifier = Notifier(environ)
     channel = None
     if worker.is_worker(environ):
+        reactor.shared_listeners = True  # type: ignore[attr-defined]
         channel = _worker_channel(reactor, environ, inherited)
         # the supervisor serves the admin listener and watches the files
         config = attrs.evolve(

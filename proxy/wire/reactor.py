@@ -58,7 +58,18 @@ class EagerClient(tcp.Client):
 
 
 class EagerPort(tcp.Port):
+    """A listener of eager connections. On a socket shared by worker processes it takes one
+    connection per wakeup (nginx's `multi_accept off`): every worker is woken for a new
+    connection, the least busy one gets there first, and a burst spreads over the workers.
+    Twisted's default accepts up to a growing batch at once, which hands a burst of keep-alive
+    connections (wrk's 50, a load balancer's pool) to whichever worker woke first, for good."""
+
     transport = EagerServer
+
+    def doRead(self) -> None:
+        if getattr(self.reactor, "shared_listeners", False):
+            self.numberAccepts = 1
+        super().doRead()  # type: ignore[no-untyped-call]
 
 
 class EagerConnector(tcp.Connector):
@@ -69,6 +80,8 @@ class EagerConnector(tcp.Connector):
 
 class SidecarReactor(EPollReactor):
     """EPollReactor whose TCP connections write eagerly and whose dispatch skips log context."""
+
+    shared_listeners = False  # a worker sets it: its listening sockets are shared (EagerPort)
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
         p = EagerPort(port, factory, backlog, interface, self)
