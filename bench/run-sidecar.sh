@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/run-sidecar.sh -- `make bench`: the sidecar against nginx in the same runs of the shared
 # loopback harness (wrk, openssl s_time), at one worker and at the harness's auto mode (the sidecar
-# with `workers = 2`, access log on), RUNS times; an access-log-off egress run beside each; then
-# medians and ratios, then idle-connection memory.
+# with `workers = 2`, access log on), RUNS times; beside each, egress with the access log on and
+# off back to back; then medians and ratios, then idle-connection memory.
 # Needs: apt-get install nginx haproxy stunnel4 wrk  (the harness checks for all of them)
 # Knobs: RUNS=3 HARNESS=../shared/bench DUR=10s, plus the harness's own (see its README).
 set -euo pipefail
@@ -18,12 +18,17 @@ for i in $(seq "$RUNS"); do
     CUSTOM_EGRESS_CMD="$here/sidecar-cmd.sh egress" CUSTOM_INGRESS_CMD="$here/sidecar-cmd.sh ingress" \
     "$HARNESS/run.sh"
   dirs+=("${BASE:-/tmp/lab-bench}/results/$tag")
-  # the same sidecar with its access log off, egress at mode 1: what the log costs
-  PROXIES="custom" MODES=1 SCENARIOS=egress TAG=$tag-nolog ACCESS_LOG=false \
-    CUSTOM_EGRESS_CMD="$here/sidecar-cmd.sh egress" "$HARNESS/run.sh"
-  nolog="${BASE:-/tmp/lab-bench}/results/$tag-nolog"
-  sed -i 's/\tcustom\t/\tcustom-nolog\t/' "$nolog/results.tsv"
-  dirs+=("$nolog")
+  # what the access log costs: egress at mode 1 with the log on and off, back to back, the
+  # order alternating between runs so that drift on a shared host does not favour either
+  order="true false"; (( i % 2 )) || order="false true"
+  for log in $order; do
+    label=custom-log; [[ $log == false ]] && label=custom-nolog
+    PROXIES="custom" MODES=1 SCENARIOS=egress TAG=$tag-$label ACCESS_LOG=$log \
+      CUSTOM_EGRESS_CMD="$here/sidecar-cmd.sh egress" "$HARNESS/run.sh"
+    out="${BASE:-/tmp/lab-bench}/results/$tag-$label"
+    sed -i "s/\tcustom\t/\t$label\t/" "$out/results.tsv"
+    dirs+=("$out")
+  done
 done
 "$root/.venv/bin/python" "$here/ratios.py" "${dirs[@]}"
 "$root/.venv/bin/python" "$here/idle_rss.py"
