@@ -165,6 +165,8 @@ class Route:
         for down in list(self.connections):
             if down.deadline and now >= down.deadline:
                 down.timed_out(now)
+            elif down.resting:
+                down.release_idle()
         self.pool.sweep(now)
         self.peer_log.flush(now)
 

@@ -442,6 +442,7 @@ class Downstream(Protocol):
         self.exchange: Exchange | None = None
         self.current: Exchange | None = None  # the last request parsed, until it is answered
         self.had_request = False
+        self.resting = False  # idle since its last response: the sweep releases its buffers
         # a list, not a deque: almost always empty, and a deque allocates a block up front
         self.queue: list[Exchange] = []
         self.keep_alive = True
@@ -694,17 +695,25 @@ class Downstream(Protocol):
     def _rest(self) -> None:
         """Idle between requests: hold nothing of the last one. A keep-alive connection may
         stay idle for minutes, by thousands: its last exchange (head, headers, the headers sent
-        upstream), the parser and TLS buffers grown by past traffic would all stay with it."""
+        upstream), the parser and TLS buffers grown by past traffic would all stay with it.
+        The TLS buffers go at the route's next sweep (see release_idle): given back after every
+        response, they would be grown again by the next request on a busy connection, at about
+        8 us a request."""
         self.current = None
         if not self.in_head:  # else the next head is arriving: its url and headers so far
             self.url = b""
             self.headers = []
             if not self.parsing:  # else dataReceived drops it once feed_data returns
                 self.parser = None
-        self.uncork()  # the end of the response, before the TLS buffers are given back
-        release = getattr(self.transport, "release_buffers", None)
-        if release is not None:
-            release()
+        self.resting = True
+
+    def release_idle(self) -> None:
+        """From the route's sweep: a connection still idle gives back its TLS buffers."""
+        self.resting = False
+        if self.exchange is None and not self.in_head and not self.queue and not self.gone:
+            release = getattr(self.transport, "release_buffers", None)
+            if release is not None:
+                release()
 
     def abort(self, ex: Exchange) -> None:
         """The response cannot be completed: the client must see a broken connection."""

@@ -115,7 +115,10 @@ class Rig:
 
 
 def make_rig(
-    limits: Limits = LIMITS, upstream: Upstream | None = None, oauth: EgressOAuth | None = None
+    limits: Limits = LIMITS,
+    upstream: Upstream | None = None,
+    oauth: EgressOAuth | None = None,
+    client: StringTransport | None = None,
 ) -> Rig:
     clock = MemoryReactorClock()
     clock.advance(1000.0)
@@ -136,7 +139,8 @@ def make_rig(
         config, clock=clock, pool=pool, metrics=Metrics.create(), access_log=AccessLog(access, True)
     )
     down = Downstream(route)
-    client = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000), lenient=True)
+    if client is None:
+        client = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000), lenient=True)
     down.makeConnection(client)
     return Rig(clock, pool, route, down, client, access)
 
@@ -843,3 +847,32 @@ def test_pipelined_requests_answered_locally_in_one_read_are_all_answered(rig: R
     up.reply(OK_HELLO)
     assert [m.status for m in messages(rig.received())] == [403, 403, 200]
     assert_holds_nothing(rig.down)
+
+
+class ReleasingTransport(StringTransport):
+    """A client transport with the TLS layer's release_buffers, counting the calls."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000), lenient=True)
+        self.released = 0
+
+    def release_buffers(self) -> None:
+        self.released += 1
+
+
+def test_tls_buffers_go_at_the_sweep_after_a_response_not_with_every_response() -> None:
+    client = ReleasingTransport()
+    rig = make_rig(client=client)
+    rig.send(GET)
+    rig.upstream().reply(OK_HELLO)
+    assert one_response(rig).body == b"hello"
+    assert client.released == 0  # a busy connection would grow them again at once
+    rig.advance(0.25)
+    assert client.released == 1
+    rig.advance(0.25)
+    assert client.released == 1  # once per rest, not once per sweep
+    rig.send(GET)
+    rig.upstream().reply(OK_HELLO)
+    rig.send(b"GET /next HTTP/1.1\r\nHo")  # the next head is arriving: its buffers are in use
+    rig.advance(0.25)
+    assert client.released == 1
