@@ -107,10 +107,37 @@ def floor_server(d: Path, port: int) -> None:
         held.append(conn)
 
 
-def floor_figures(d: Path) -> tuple[float, float]:
+def stdlib_floor_server(d: Path, port: int) -> None:
+    """The same bare server on Python's ssl module, which links the system's OpenSSL (nginx's):
+    what the two OpenSSL builds keep per connection, everything else equal."""
+    import socket as sk
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(d / "server.pem"), str(d / "server.key"))
+    ctx.load_verify_locations(str(d / "client-ca.pem"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_TICKET
+    listener = sk.create_server(("127.0.0.1", port), backlog=2048)
+    print("LISTENING", flush=True)
+    held = []
+    while True:
+        s, _ = listener.accept()
+        try:
+            conn = ctx.wrap_socket(s, server_side=True)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (ssl.SSLError, OSError):
+            s.close()
+            continue
+        held.append(conn)
+
+
+def floor_figures(d: Path, which: str = "--floor-server") -> tuple[float, float]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--floor-server", str(d), str(port)], stdout=subprocess.PIPE
+        [sys.executable, __file__, which, str(d), str(port)], stdout=subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
@@ -123,6 +150,9 @@ def floor_figures(d: Path) -> tuple[float, float]:
 def main() -> None:
     if sys.argv[1:2] == ["--floor-server"]:
         floor_server(Path(sys.argv[2]), int(sys.argv[3]))
+        return
+    if sys.argv[1:2] == ["--stdlib-floor-server"]:
+        stdlib_floor_server(Path(sys.argv[2]), int(sys.argv[3]))
         return
     d = Path(tempfile.mkdtemp(prefix="idle-rss-"))
     server_ca, client_ca = make_ca(), make_ca("C=FR,O=Client,CN=Client CA")
@@ -158,6 +188,8 @@ max_connections = 2000
     fbase, fheld = floor_figures(d)
     ours, theirs = (held - base) * 1024 / N, (nheld - nbase) * 1024 / N
     floor = (fheld - fbase) * 1024 / N
+    sbase, sheld = floor_figures(d, "--stdlib-floor-server")
+    system_floor = (sheld - sbase) * 1024 / N
     print(
         f"\nidle keep-alive mTLS connections: {N}, ECDSA P-256, TLS 1.3, same client\n"
         f"  sidecar (1 worker): RSS {base:.1f} MB before, {held:.1f} MB holding them: "
@@ -165,6 +197,7 @@ max_connections = 2000
         f"  nginx (1 worker):   RSS {nbase:.1f} MB before, {nheld:.1f} MB holding them: "
         f"{theirs:.1f} KiB each\n"
         f"  floor (bare pyOpenSSL server, the sidecar's OpenSSL): {floor:.1f} KiB each\n"
+        f"  the same on Python's ssl (the system's OpenSSL, nginx's): {system_floor:.1f} KiB each\n"
         f"  per connection: sidecar/nginx = {ours / theirs:.2f} (target <= 1.2), "
         f"sidecar/floor = {ours / floor:.2f}"
     )
