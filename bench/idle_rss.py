@@ -12,7 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -72,12 +74,9 @@ def nginx_figures(d: Path) -> tuple[float, float]:
         nginx.stop()
 
 
-def floor_server(d: Path, port: int) -> None:
-    """The floor under the sidecar: a bare blocking pyOpenSSL server, the OpenSSL the sidecar
-    links (cryptography's), with the sidecar's ingress settings. It answers one request per
-    connection and holds it, with no Python above the TLS connection and socket."""
-    import socket as sk
-
+def pyopenssl_wrap(d: Path) -> Callable[[socket.socket], Any]:
+    """The floor under the sidecar: pyOpenSSL on the OpenSSL the sidecar links (cryptography's),
+    with the sidecar's ingress settings."""
     from OpenSSL import SSL
 
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -88,56 +87,56 @@ def floor_server(d: Path, port: int) -> None:
     ctx.set_options(SSL.OP_NO_TICKET)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    listener = sk.create_server(("127.0.0.1", port), backlog=2048)
-    print("LISTENING", flush=True)
-    held = []
-    while True:
-        s, _ = listener.accept()
+
+    def wrap(s: socket.socket) -> Any:
         conn = SSL.Connection(ctx, s)
         conn.set_accept_state()
-        try:
-            conn.do_handshake()
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        except (SSL.Error, OSError):
-            s.close()
-            continue
-        held.append(conn)
+        conn.do_handshake()
+        return conn
+
+    return wrap
 
 
-def stdlib_floor_server(d: Path, port: int) -> None:
-    """The same bare server on Python's ssl module, which links the system's OpenSSL (nginx's):
-    what the two OpenSSL builds keep per connection, everything else equal."""
-    import socket as sk
-
+def stdlib_wrap(d: Path) -> Callable[[socket.socket], Any]:
+    """The same on Python's ssl module, which links the system's OpenSSL (nginx's): what the two
+    OpenSSL builds keep per connection, everything else equal."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(d / "server.pem"), str(d / "server.key"))
     ctx.load_verify_locations(str(d / "client-ca.pem"))
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_NO_TICKET
-    listener = sk.create_server(("127.0.0.1", port), backlog=2048)
+    return lambda s: ctx.wrap_socket(s, server_side=True)
+
+
+FLOORS = {"pyopenssl": pyopenssl_wrap, "stdlib": stdlib_wrap}
+
+
+def floor_server(d: Path, port: int, kind: str) -> None:
+    """A bare blocking TLS server: it answers one request per connection and holds it, with no
+    Python above the TLS connection and socket."""
+    wrap = FLOORS[kind](d)
+    listener = socket.create_server(("127.0.0.1", port), backlog=2048)
     print("LISTENING", flush=True)
     held = []
     while True:
         s, _ = listener.accept()
         try:
-            conn = ctx.wrap_socket(s, server_side=True)
+            conn = wrap(s)
             data = b""
             while b"\r\n\r\n" not in data:
                 data += conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        except (ssl.SSLError, OSError):
+        except Exception:  # a failed handshake (either library's error) or a reset client
             s.close()
             continue
         held.append(conn)
 
 
-def floor_figures(d: Path, which: str = "--floor-server") -> tuple[float, float]:
+def floor_figures(d: Path, kind: str) -> tuple[float, float]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, which, str(d), str(port)], stdout=subprocess.PIPE
+        [sys.executable, __file__, "--floor-server", kind, str(d), str(port)],
+        stdout=subprocess.PIPE,
     )
     try:
         assert proc.stdout is not None
@@ -149,10 +148,7 @@ def floor_figures(d: Path, which: str = "--floor-server") -> tuple[float, float]
 
 def main() -> None:
     if sys.argv[1:2] == ["--floor-server"]:
-        floor_server(Path(sys.argv[2]), int(sys.argv[3]))
-        return
-    if sys.argv[1:2] == ["--stdlib-floor-server"]:
-        stdlib_floor_server(Path(sys.argv[2]), int(sys.argv[3]))
+        floor_server(Path(sys.argv[3]), int(sys.argv[4]), sys.argv[2])
         return
     d = Path(tempfile.mkdtemp(prefix="idle-rss-"))
     server_ca, client_ca = make_ca(), make_ca("C=FR,O=Client,CN=Client CA")
@@ -185,10 +181,10 @@ max_connections = 2000
         stop(proc)
         upstream.stop()
     nbase, nheld = nginx_figures(d)
-    fbase, fheld = floor_figures(d)
+    fbase, fheld = floor_figures(d, "pyopenssl")
     ours, theirs = (held - base) * 1024 / N, (nheld - nbase) * 1024 / N
     floor = (fheld - fbase) * 1024 / N
-    sbase, sheld = floor_figures(d, "--stdlib-floor-server")
+    sbase, sheld = floor_figures(d, "stdlib")
     system_floor = (sheld - sbase) * 1024 / N
     print(
         f"\nidle keep-alive mTLS connections: {N}, ECDSA P-256, TLS 1.3, same client\n"

@@ -54,14 +54,20 @@ def accepted(reactor: SidecarReactor, made: list[Server], n: int) -> None:
     raise AssertionError(f"{len(made)} of {n} connections accepted")
 
 
-def test_a_write_with_nothing_queued_is_on_the_socket_when_write_returns(
-    reactor: SidecarReactor,
-) -> None:
+def one_connection(reactor: SidecarReactor) -> tuple[socket.socket, Any]:
+    """A client socket and the server transport the reactor accepted for it."""
     port, made = listen(reactor)
     (client,) = connect(port)
     accepted(reactor, made, 1)
     transport = made[0].transport
     assert isinstance(transport, EagerServer)
+    return client, transport
+
+
+def test_a_write_with_nothing_queued_is_on_the_socket_when_write_returns(
+    reactor: SidecarReactor,
+) -> None:
+    client, transport = one_connection(reactor)
     transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
     client.settimeout(0)  # no reactor turn in between: the bytes must already be sent
     assert client.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
@@ -72,10 +78,7 @@ def test_a_write_with_nothing_queued_is_on_the_socket_when_write_returns(
 def test_a_write_the_kernel_cannot_take_is_queued_and_delivered_whole_in_order(
     reactor: SidecarReactor,
 ) -> None:
-    port, made = listen(reactor)
-    (client,) = connect(port)
-    accepted(reactor, made, 1)
-    transport = made[0].transport
+    client, transport = one_connection(reactor)
     big = bytes(range(256)) * (32 * 1024)  # 8 MiB: more than the socket buffers hold
     transport.write(big)
     transport.write(b"after")  # behind the queued rest, never before it
