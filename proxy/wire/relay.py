@@ -188,6 +188,9 @@ class Exchange:
             up.pause("client-full")
 
     def request_body(self, data: bytes) -> None:
+        if self.response_done and self.error is None and not self.request_done:
+            self._drop_body(data)
+            return
         if self.response_done or self.error is not None:
             return
         self.body_seen += len(data)
@@ -300,8 +303,20 @@ class Exchange:
             reusable = self.request_done and not self.close_delimited and up.keep_alive
             self.route.pool.release(up, reusable)
         if not self.request_done:
-            self.down.keep_alive = False  # the rest of the request body is not read
+            # The upstream answered before the request body ended (nginx's `return` does):
+            # the rest of the body is read and dropped, within the body's limits and deadline,
+            # and the connection then serves the next request, as nginx does. Closing it
+            # instead would cut a client that already read a keep-alive response.
+            return
         self.down.exchange_finished(self)
+
+    def _drop_body(self, data: bytes) -> None:
+        """The rest of a request body whose response is already complete."""
+        self.body_seen += len(data)
+        self.down.deadline += len(data) / self.route.limits.min_body_rate
+        if self.body_seen > self.route.limits.max_body_bytes:
+            self.down.keep_alive = False  # no more of it is read: the connection closes
+            self.down.exchange_finished(self)
 
     def upstream_lost(self, reason: Failure) -> None:
         self.up = None
@@ -732,6 +747,10 @@ class Downstream(Protocol):
             return
         ex = self.exchange
         if ex is not None:
+            if ex.response_done and not ex.request_done:  # a dropped body, too slow: close
+                self.keep_alive = False
+                self.exchange_finished(ex)
+                return
             if ex.request_done or ex.response_done:
                 return
             if self.paused - {"pipelined"}:  # we are not reading: the client is not to blame

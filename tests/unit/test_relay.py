@@ -876,3 +876,50 @@ def test_tls_buffers_go_at_the_sweep_after_a_response_not_with_every_response() 
     rig.send(b"GET /next HTTP/1.1\r\nHo")  # the next head is arriving: its buffers are in use
     rig.advance(0.25)
     assert client.released == 1
+
+
+# --------------------------------------------------------------------------- answered early
+POST_HEAD = b"POST /notify HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+
+
+def test_a_response_before_the_body_ends_keeps_the_connection_and_drops_the_rest(
+    rig: Rig,
+) -> None:
+    """The upstream answers before the request body arrived (nginx's `return` does): the rest
+    of the body is read and dropped, and the next request on the connection is served."""
+    rig.send(POST_HEAD + b"abc")
+    up = rig.upstream()
+    up.reply(OK_HELLO)
+    response = one_response(rig)
+    assert response.body == b"hello" and not response.values(b"connection")
+    assert rig.access_records() == []  # not finished until the body is read
+    rig.send(b"defghij")  # the rest: dropped, never written upstream
+    assert up.sent().endswith(b"\r\n\r\nabc")
+    assert rig.pool.released == [(up.conn, False)]  # part of a body went up: not reused
+    assert [r["status"] for r in rig.access_records()] == [200]
+    assert not rig.client.disconnecting
+    rig.client.clear()
+    rig.send(GET)
+    rig.upstream().reply(OK_HELLO)
+    assert one_response(rig).body == b"hello"
+
+
+def test_a_dropped_body_over_the_body_limit_closes_the_connection(rig: Rig) -> None:
+    rig.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    rig.upstream().reply(OK_HELLO)
+    assert one_response(rig).body == b"hello"
+    assert not rig.client.disconnecting
+    rig.send(b"64\r\n" + b"x" * 100 + b"\r\n")  # past max_body_bytes (100)
+    assert rig.client.disconnecting
+    assert b"413" not in rig.received()
+
+
+def test_a_dropped_body_that_stalls_is_closed_at_the_body_deadline(rig: Rig) -> None:
+    rig.send(POST_HEAD + b"abc")
+    rig.upstream().reply(OK_HELLO)
+    assert one_response(rig).body == b"hello"
+    rig.advance(TIMEOUTS.body - 1)
+    assert not rig.client.disconnecting
+    rig.advance(1.5)
+    assert rig.client.disconnecting
+    assert messages(rig.received())[0].status == 200 and b"408" not in rig.received()
