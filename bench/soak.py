@@ -202,7 +202,7 @@ allow_subjects = ["CN=nobody"]
             env={**os.environ, **env},
         )
         for port in (egress, ingress, admin):
-            wait_port("127.0.0.1", port, sidecar.proc)
+            wait_port("127.0.0.1", port, sidecar.proc, timeout=180)  # traced: slow start
     else:
         sidecar.start([("127.0.0.1", p) for p in (egress, ingress, admin)])
     assert sidecar.proc is not None
