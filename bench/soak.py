@@ -255,10 +255,15 @@ def grew_most(folder: Path, n: int) -> list[str]:
         return []
     first = tracemalloc.Snapshot.load(str(snaps[len(snaps) // 2]))
     last = tracemalloc.Snapshot.load(str(snaps[-1]))
-    stats = last.compare_to(first, "traceback")[:8]
-    return [f"{s.size_diff / 1024:+.1f} KiB {s.count_diff:+d} blocks at "
-            + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in s.traceback[:4])
-            for s in stats]  # fmt: skip
+    diffs = last.compare_to(first, "traceback")
+    total = sum(d.size_diff for d in diffs)
+    grown = sorted(diffs, key=lambda d: d.size_diff, reverse=True)[:8]
+    # frames run oldest first: the allocation site is the last one
+    return [f"{total / 1024:+.1f} KiB traced in all over the last half"] + [
+        f"{d.size_diff / 1024:+.1f} KiB {d.count_diff:+d} blocks at "
+        + " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in d.traceback[::-1][:4])
+        for d in grown
+    ]
 
 
 if __name__ == "__main__":
