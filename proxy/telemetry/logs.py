@@ -181,7 +181,6 @@ class AccessLog:
     def __init__(self, stream: IO[str] | None, enabled: bool) -> None:
         self.stream = stream or sys.stdout
         self.enabled = enabled
-        self._dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
         self._lines: list[str] = []
         self._size = 0
         try:
@@ -189,11 +188,9 @@ class AccessLog:
         except (AttributeError, OSError, ValueError):
             self._fd = None  # an in-memory stream (tests)
 
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            self._add(self._dumps(record) + "\n")
-
     def _add(self, line: str) -> None:
+        if not self.enabled:  # callers skip the formatting too (Route.finished)
+            return
         self._lines.append(line)
         self._size += len(line)
         if self._size >= PIPE_BUF:  # a full write's worth: out now, the buffer stays small

@@ -61,23 +61,6 @@ def socket_of(transport: Any) -> Any:
     return inner if IWriteDescriptor.providedBy(inner) else None
 
 
-def send_now(raw: Any) -> None:
-    """Send what this turn left queued on a connection now, not on the next reactor turn.
-
-    Under the sidecar's reactor (wire.reactor) writes already go out at once and nothing is
-    queued unless the socket was full. Under Twisted's plain reactors every write is queued
-    until the socket polls writable; IWriteDescriptor.doWrite() is the reactor's own way in,
-    and whatever the socket cannot take stays queued for the reactor as usual.
-    """
-    if (
-        raw is not None
-        and (raw._tempDataLen or raw.offset < len(raw.dataBuffer))
-        and raw.connected
-        and not raw.disconnecting
-    ):
-        raw.doWrite()
-
-
 @implementer(IHandshakeListener)
 class UpstreamConnection(Protocol):
     """One connection to the upstream; parses responses for the exchange attached to it."""
@@ -100,7 +83,7 @@ class UpstreamConnection(Protocol):
         self.in_head = False
         self.head_bytes = 0
         self.head_error: str | None = None
-        self.raw: Any = None  # the TCP descriptor, for send_now()
+        self.raw: Any = None  # the TCP descriptor under TLS, closed with it
         self.connector: Any = None
         self.verify_error: str | None = None
         self.failure_detail: str | None = None
@@ -184,8 +167,6 @@ class UpstreamConnection(Protocol):
         finally:
             if down is not None:
                 down.uncork()
-                if not down.gone:
-                    send_now(down.raw)
 
     def _protocol_error(self, detail: str, code: str = "bad_gateway") -> None:
         ex = self.exchange

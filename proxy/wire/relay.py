@@ -30,7 +30,7 @@ from proxy.wire.http import (
     response,
     tokens_of,
 )
-from proxy.wire.pool import UpstreamConnection, send_now, socket_of
+from proxy.wire.pool import UpstreamConnection, socket_of
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -479,7 +479,7 @@ class Downstream(Protocol):
         self.header_error: ProxyError | None = None
         self.peer: Any = None  # set by the route: e.g. the verified client certificate
         self.corked: list[bytes] | None = None
-        self.raw: Any = None  # the TCP descriptor, for send_now()
+        self.raw: Any = None  # the TCP descriptor under TLS, closed with it
         self.peer_host = ""
 
     def connectionMade(self) -> None:
@@ -537,11 +537,7 @@ class Downstream(Protocol):
                 )
             )
             return
-        ex = self.exchange
-        if ex is not None:
-            if ex.up is not None:
-                send_now(ex.up.raw)
-        elif self.current is None and not self.in_head and not self.queue:
+        if self.exchange is None and self.current is None and not self.in_head and not self.queue:
             self.parser = None  # answered while these bytes were parsed (see _rest)
 
     def _bad(self, err: ProxyError) -> None:

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from proxy.telemetry import logs
 
+ROUTE = logs.route_fields("r", "egress")
+
 
 def test_lines_go_out_in_whole_line_writes_of_at_most_pipe_buf(
     monkeypatch: pytest.MonkeyPatch,
@@ -32,25 +34,26 @@ def test_lines_go_out_in_whole_line_writes_of_at_most_pipe_buf(
         os.set_blocking(read_end, False)
         got = b""
         for i in range(300):
-            log.write({"n": i, "path": "/" + "p" * (i % 97)})
+            log.request(1e9, ROUTE, "GET", f"/{i}/" + "p" * (i % 97), 200, 2, 0.001, "a", "b",
+                        "c", "")  # fmt: skip
             if i % 50 == 49:
                 log.flush()
                 got += reader.read() or b""
         log.flush()
         got += reader.read() or b""
     assert writes and all(len(w) <= logs.PIPE_BUF and w.endswith(b"\n") for w in writes)
-    assert [json.loads(x)["n"] for x in got.splitlines()] == list(range(300))
+    assert [int(json.loads(x)["path"].split("/")[1]) for x in got.splitlines()] == list(range(300))
 
 
 def test_nothing_is_written_before_a_flush_and_disabled_writes_nothing() -> None:
     stream = io.StringIO()
     log = logs.AccessLog(stream, True)
-    log.write({"a": 1})
+    log.request(1e9, ROUTE, "GET", "/a", 200, 2, 0.001, "a", "b", "c", "")
     assert stream.getvalue() == ""
     log.flush()
-    assert json.loads(stream.getvalue()) == {"a": 1}
+    assert json.loads(stream.getvalue())["path"] == "/a"
     off = logs.AccessLog(stream, False)
-    off.write({"b": 2})
+    off.request(1e9, ROUTE, "GET", "/b", 200, 2, 0.001, "a", "b", "c", "")
     off.flush()
     assert stream.getvalue().count("\n") == 1
 

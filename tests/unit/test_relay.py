@@ -238,6 +238,14 @@ GET = b"GET /v1/cards HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 OK_HELLO = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
 
 
+def serves_the_next_request(rig: Rig) -> None:
+    """The same client connection carries another request and its response."""
+    rig.client.clear()
+    rig.send(GET)
+    rig.upstream().reply(OK_HELLO)
+    assert one_response(rig).body == b"hello"
+
+
 # --------------------------------------------------------------------------- request side
 def test_request_is_reframed_with_one_content_length_and_host_rewritten(rig: Rig) -> None:
     rig.send(
@@ -419,10 +427,7 @@ def test_head_response_has_no_body_and_a_second_request_is_served(rig: Rig) -> N
     up.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nContent-Type: text/plain\r\n\r\n")
     assert rig.received().endswith(b"Content-Length: 100\r\n\r\n")  # and no body
     assert [m.one(b"content-length") for m in messages(rig.received(), no_body={0})] == [b"100"]
-    rig.client.clear()
-    rig.send(GET)
-    rig.upstream().reply(OK_HELLO)
-    assert one_response(rig).body == b"hello"
+    serves_the_next_request(rig)
 
 
 def test_after_head_the_same_upstream_connection_reads_the_next_response(rig: Rig) -> None:
@@ -834,10 +839,7 @@ def test_a_request_answered_while_its_bytes_are_parsed_leaves_nothing_held(rig: 
     rig.send(b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
     proxy_error(rig, 403, "forbidden_host")
     assert_holds_nothing(rig.down)
-    rig.client.clear()
-    rig.send(GET)
-    rig.upstream().reply(OK_HELLO)
-    assert one_response(rig).body == b"hello"
+    serves_the_next_request(rig)
 
 
 def test_pipelined_requests_answered_locally_in_one_read_are_all_answered(rig: Rig) -> None:
@@ -898,10 +900,7 @@ def test_a_response_before_the_body_ends_keeps_the_connection_and_drops_the_rest
     assert rig.pool.released == [(up.conn, False)]  # part of a body went up: not reused
     assert [r["status"] for r in rig.access_records()] == [200]
     assert not rig.client.disconnecting
-    rig.client.clear()
-    rig.send(GET)
-    rig.upstream().reply(OK_HELLO)
-    assert one_response(rig).body == b"hello"
+    serves_the_next_request(rig)
 
 
 def test_a_dropped_body_over_the_body_limit_closes_the_connection(rig: Rig) -> None:
