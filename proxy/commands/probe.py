@@ -296,8 +296,8 @@ class _Prober:
                 "not_after": leaf.not_valid_after_utc.isoformat(),
                 "key": pki.describe_key(leaf.public_key()),
             }
-        requests = _CertRequests()
-        material.context.set_info_callback(requests)
+        requests = _CertRequests()  # shown the handshakes by each creator (the context's own
+        # info callback is the name check, and stays)
         report.dns, addresses = await self._resolve(rc)
         report.addresses = list(
             await defer.gatherResults(
@@ -346,6 +346,7 @@ class _Prober:
     ) -> AddressReport:
         report = AddressReport(address, rc.upstream.port)
         creator = _WatchedTLS(material, tls_name, self.reactor)
+        creator.observe = requests
         pool = Pool(
             reactor=self.reactor,
             clock=self.reactor,

@@ -44,6 +44,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS, IRe
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from proxy.telemetry.metrics import Metrics
+from proxy.tls.contexts import PeerRejected
 
 __all__ = [
     "CORRELATION_ID",
@@ -673,6 +674,12 @@ class TokenSource:
     def _as_token_error(self, e: BaseException | None) -> TokenError:
         if isinstance(e, TokenError):
             return e
+        rejected = _rejection(e)
+        if rejected is not None:  # our TLS check refused the server: the request never left
+            return TokenError(
+                # our own words (names and a file path), not the endpoint's: nothing to redact
+                f"{self._endpoint}: TLS check failed, no request sent: {rejected.detail}"
+            )
         if isinstance(e, TimeoutError):
             reason = f"no answer within {self._settings.request_timeout:g} s"
         elif isinstance(e, CancelledError):
@@ -680,6 +687,18 @@ class TokenSource:
         else:
             reason = _describe(e)
         return TokenError(f"{self._endpoint} unreachable: {printable(reason, 300)}")
+
+
+def _rejection(e: BaseException | None) -> PeerRejected | None:
+    """The TLS check that refused the token server, wherever Agent wrapped it."""
+    if isinstance(e, PeerRejected):
+        return e
+    for reason in getattr(e, "reasons", None) or ():  # Agent's ResponseFailed and kin
+        if isinstance(reason, Failure) and isinstance(reason.value, BaseException):
+            found = _rejection(reason.value)
+            if found is not None:
+                return found
+    return None
 
 
 def _describe(e: BaseException | None) -> str:

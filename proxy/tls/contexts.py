@@ -7,7 +7,9 @@ connections keep the context they were made with.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from proxy import config as cfg
@@ -177,20 +180,110 @@ def _record_verify_error(
 ) -> bool:
     """Keep OpenSSL's first verification error on the protocol so errors can say which."""
     if not ok:
+        subject = cert.to_cryptography().subject.rfc4514_string()
+        reason = VERIFY_REASONS.get(errno, f"verification error {errno}")
+        text = f"{reason} (depth {depth}: {subject})"
+        if isinstance(conn, CheckedConnection) and conn.verify_problem is None:
+            conn.verify_problem = text
         tls_protocol = conn.get_app_data()
         proto = getattr(tls_protocol, "wrappedProtocol", None)
         if proto is not None and getattr(proto, "verify_error", None) is None:
-            subject = cert.to_cryptography().subject.rfc4514_string()
-            reason = VERIFY_REASONS.get(errno, f"verification error {errno}")
-            proto.verify_error = f"{reason} (depth {depth}: {subject})"
+            proto.verify_error = text
     return bool(ok)
 
 
 # --------------------------------------------------------------------------- client (egress)
+MOZILLA = "the Mozilla bundle (certifi)"
+
+
 @attrs.frozen
 class ClientMaterial:
     pair: KeyPair | None  # None: no client certificate (an https internal upstream)
     context: SSL.Context
+    trust: str = MOZILLA  # the file the server's chain is verified against, for messages
+
+
+def trust_label(key: str, trust: Path | None) -> str:
+    return f"{key} {trust}" if trust else f"{MOZILLA} {certifi.where()}"
+
+
+class PeerRejected(SSL.Error):
+    """A server certificate that failed one of our checks, in words: which check ("trust":
+    the chain against the trust file, "name": the name we dialled) and against what. A
+    subclass of SSL.Error so Twisted's TLS reports it to the protocol as the connection's end."""
+
+    def __init__(self, check: str, detail: str) -> None:
+        super().__init__([("mtls-sidecar", check, detail)])  # the shape of OpenSSL's queue
+        self.check = check
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+InfoObserver = Callable[[SSL.Connection, int, int], None]
+
+
+class CheckedConnection(SSL.Connection):
+    """A client connection that checks the server's name as its handshake completes.
+
+    The check runs from the context's info callback at SSL_CB_HANDSHAKE_DONE (whichever
+    OpenSSL call completes the handshake), as Twisted's ClientTLSOptions does, and again after
+    do_handshake returns: a mismatch fails the connection through Twisted's failVerification,
+    which aborts it before any buffered application byte is encrypted. A resumed session runs
+    no chain verification, but this check runs on every handshake."""
+
+    def __init__(
+        self, context: SSL.Context, server_name: str, trust: str, observe: InfoObserver | None
+    ) -> None:
+        super().__init__(context, None)
+        self.server_name = server_name
+        self.trust = trust
+        self.observe = observe
+        self.verify_problem: str | None = None  # OpenSSL's first chain complaint, in words
+        self.rejection: PeerRejected | None = None
+        self.name_checked = False
+
+    def check_name(self) -> None:
+        if self.name_checked:
+            return
+        self.name_checked = True
+        problem = verify_hostname_error(self, self.server_name)
+        if problem is None:
+            return
+        self.rejection = PeerRejected("name", problem)
+        fail = getattr(self.get_app_data(), "failVerification", None)
+        if fail is not None:
+            fail(Failure(self.rejection))
+        else:  # no Twisted TLS protocol above: end the session so nothing can be sent on it
+            with contextlib.suppress(SSL.Error):
+                self.shutdown()
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except SSL.WantReadError:
+            raise
+        except SSL.Error as e:
+            if self.verify_problem is not None and not isinstance(e, PeerRejected):
+                self.rejection = PeerRejected(
+                    "trust",
+                    f"certificate not trusted: {self.verify_problem}; checked against {self.trust}",
+                )
+                raise self.rejection from e
+            raise
+        self.check_name()  # also here: a context whose info callback was replaced still checks
+
+
+def _client_info(conn: SSL.Connection, where: int, ret: int) -> None:
+    """The context's info callback: the name check at handshake completion (must not raise:
+    an exception in an OpenSSL callback is printed and dropped)."""
+    if not isinstance(conn, CheckedConnection):
+        return
+    if conn.observe is not None:
+        conn.observe(conn, where, ret)
+    if where & SSL.SSL_CB_HANDSHAKE_DONE:
+        conn.check_name()
 
 
 def client_context(pair: KeyPair | None, trust: Path | None, profile: str) -> SSL.Context:
@@ -199,16 +292,20 @@ def client_context(pair: KeyPair | None, trust: Path | None, profile: str) -> SS
         _use_pair(ctx, pair)
     _trust_store(ctx, trust, "trust")
     ctx.set_verify(SSL.VERIFY_PEER, _record_verify_error)
+    ctx.set_info_callback(_client_info)
     ctx.set_alpn_protos(ALPN)
     return ctx
 
 
 @implementer(IOpenSSLClientConnectionCreator)
 class ClientTLS:
-    """Creates client connections for one upstream name from the current context.
+    """Creates client connections for one upstream name from the current context: the only
+    creator of the sidecar's outbound TLS (data path, token request, probe).
 
-    Hostname verification happens after the handshake, in the upstream protocol, before a
-    single request byte is written (see pool.UpstreamConnection.handshakeCompleted).
+    Every connection it makes checks the server's certificate against the trust file (OpenSSL,
+    VERIFY_PEER) and its name against server_name (service_identity, at handshake completion,
+    see CheckedConnection) before any application byte is written; a failed check ends the
+    connection with PeerRejected.
 
     Resumption: a protocol that has `tls_session_for(context)` (pool.UpstreamConnection) is
     asked, as its connection is made, for a session to offer; it must answer with one made under
@@ -216,14 +313,17 @@ class ClientTLS:
     certificate, or None.
     """
 
+    observe: InfoObserver | None = None  # sees every info callback (probe: CertificateRequest)
+
     def __init__(self, material: ClientMaterial, server_name: str) -> None:
         self.material = material
         self.server_name = server_name
         self._sni = server_name.encode("idna") if not _is_ip(server_name) else None
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        context = self.material.context
-        conn = SSL.Connection(context, None)
+        material = self.material
+        context = material.context
+        conn = CheckedConnection(context, self.server_name, material.trust, self.observe)
         conn.set_app_data(tlsProtocol)
         if self._sni:
             conn.set_tlsext_host_name(self._sni)
@@ -398,7 +498,8 @@ def build_client_material(route: cfg.EgressRoute) -> ClientMaterial:
         route.client_cert, route.client_key, route.profile,
         cert_what="client_cert", key_what="client_key",
     )  # fmt: skip
-    return ClientMaterial(pair, client_context(pair, route.trust, route.profile))
+    context = client_context(pair, route.trust, route.profile)
+    return ClientMaterial(pair, context, trust_label("trust", route.trust))
 
 
 def build_server_material(route: cfg.IngressRoute) -> ServerMaterial:
@@ -416,4 +517,5 @@ def build_server_material(route: cfg.IngressRoute) -> ServerMaterial:
 
 def build_upstream_material(route: cfg.IngressRoute) -> ClientMaterial:
     """TLS toward an https internal upstream: its own trust, no client certificate."""
-    return ClientMaterial(None, client_context(None, route.upstream_trust, route.profile))
+    context = client_context(None, route.upstream_trust, route.profile)
+    return ClientMaterial(None, context, trust_label("upstream_trust", route.upstream_trust))

@@ -1,8 +1,9 @@
 """Upstream connections: DNS asked on every connect, max age, idle timeout, connect/TLS timeout.
 
 A connection is handed out only once it is ready: TCP connected and, for https, the handshake
-done, the chain verified against `trust` and the name checked. Until then no request byte has
-been written, so failing over to the next DNS answer on a refused connect is always safe.
+done, the chain verified against `trust` and the name checked (both by ClientTLS's connection).
+Until then no request byte has been written, so failing over to the next DNS answer on a
+refused connect is always safe.
 
 TLS resumption: the pool keeps the last session of a verified connection (TLS 1.2: right after
 the handshake; TLS 1.3: its tickets come after the handshake, so once the first response bytes
@@ -32,7 +33,7 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from proxy.tls.contexts import ClientTLS, session_reused, tls_factory, verify_hostname_error
+from proxy.tls.contexts import ClientTLS, PeerRejected, session_reused, tls_factory
 from proxy.wire.http import ProxyError, tokens_of
 from proxy.wire.resolver import ResolveError, resolve
 
@@ -109,12 +110,10 @@ class UpstreamConnection(Protocol):
     def handshakeCompleted(self) -> None:
         assert self.tls_name is not None
         handle = self.transport.getHandle()
-        # resumed or not, the name is checked before any request byte (on a resumed session
-        # against the server certificate the session was verified with)
-        problem = verify_hostname_error(handle, self.tls_name)
-        if problem:
-            self.failure_detail = problem
-            self.transport.abortConnection()
+        # resumed or not, ClientTLS's connection checked the name as the handshake completed
+        # (on a resumed session against the certificate the session was verified with) and
+        # failed the connection on a mismatch: it is never handed out
+        if getattr(handle, "rejection", None) is not None or self.transport.disconnecting:
             return
         resumed = self.session_offered and session_reused(handle)
         self.pool.on_handshake("resumed" if resumed else "full")
@@ -189,8 +188,13 @@ class UpstreamConnection(Protocol):
             ex.upstream_lost(reason)
 
     def _handshake_failure(self, reason: Failure) -> ProxyError:
+        rejected = reason.value if isinstance(reason.value, PeerRejected) else None
+        if rejected is not None and rejected.check == "name" and not self.failure_detail:
+            self.failure_detail = rejected.detail
         if self.failure_detail:
             detail = self.failure_detail
+        elif rejected is not None:
+            detail = f"upstream {rejected.detail}"
         elif self.verify_error:
             detail = f"upstream certificate not trusted: {self.verify_error}"
         elif reason.check(error.ConnectionDone, error.ConnectionLost):

@@ -28,6 +28,7 @@ from tests.harness import (
     write_config,
     write_oauth_key,
 )
+from tests.pkifactory import make_ca
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +44,11 @@ class Env:
         return ["--cacert", str(d / "server-ca.pem"), "--cert", str(d / "client.pem"),
                 "--key", str(d / "client.key")]  # fmt: skip
 
-    def token_server(self, stats: Path, *extra: str) -> Peer:
+    def token_server(self, stats: Path, *extra: str, stem: str = "origin") -> Peer:
         d = self.dir
         return Peer(
-            [str(PEERS / "token_server.py"), "--port", "0", "--cert", str(d / "origin.pem"),
-             "--key", str(d / "origin.key"), "--client-ca", str(d / "client-ca.pem"),
+            [str(PEERS / "token_server.py"), "--port", "0", "--cert", str(d / f"{stem}.pem"),
+             "--key", str(d / f"{stem}.key"), "--client-ca", str(d / "client-ca.pem"),
              "--public-key", str(d / "oauth.pub"), "--stats", str(stats), *extra]
         ).start()  # fmt: skip
 
@@ -78,7 +79,12 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("oauth")
-    origin_pki(d)
+    server_ca, _ = origin_pki(d)
+    # the same trusted CA, another name: a token server we must not talk to
+    server_ca.issue("CN=elsewhere", dns=("elsewhere.test",), server=True).write(d, "elsewhere")
+    make_ca("CN=Stranger Root").issue(
+        "CN=localhost", dns=("localhost",), ips=("127.0.0.1",), server=True
+    ).write(d, "stranger")
     write_oauth_key(d)
     port = free_port()
     nginx = Nginx(
@@ -172,6 +178,48 @@ def test_token_endpoint_answering_400_gives_a_clear_502(env: Env, tmp_path: Path
     assert body["error"] == "oauth_token_unavailable" and body["route"] == "refused"
     assert "400" in body["detail"] and "invalid_grant" in body["detail"]
     assert body["detail"].count("/authz/v1/oauth2/token") == 1
+
+
+def test_token_server_named_elsewhere_gets_no_request_and_the_app_gets_a_plain_502(
+    env: Env, tmp_path: Path
+) -> None:
+    record = tmp_path / "stats.jsonl"
+    tokens = env.token_server(record, stem="elsewhere")
+    sidecar, port = env.egress("elsewhere", tokens.port)
+    with running(tokens, sidecar.start([("127.0.0.1", port)])):
+        time.sleep(0.5)
+        r = curl(f"http://127.0.0.1:{port}/")
+        again = curl(f"http://127.0.0.1:{port}/")
+    assert not record.exists() or record.read_text() == ""  # not one call reached it
+    for answer in (r, again):
+        assert answer.status == 502
+        body = json.loads(answer.body)
+        assert body["error"] == "oauth_token_unavailable" and body["route"] == "elsewhere"
+        assert body["detail"] == (
+            f"token endpoint https://localhost:{tokens.port}/authz/v1/oauth2/token: TLS check "
+            "failed, no request sent: hostname mismatch: certificate is for elsewhere.test, "
+            "not localhost"
+        )
+    assert "Bearer" not in r.body.decode()
+
+
+def test_untrusted_token_server_error_names_the_check_and_the_trust_file(
+    env: Env, tmp_path: Path
+) -> None:
+    record = tmp_path / "stats.jsonl"
+    tokens = env.token_server(record, stem="stranger")
+    sidecar, port = env.egress("stranger", tokens.port)
+    with running(tokens, sidecar.start([("127.0.0.1", port)])):
+        time.sleep(0.5)
+        r = curl(f"http://127.0.0.1:{port}/")
+    assert not record.exists() or record.read_text() == ""
+    assert r.status == 502
+    detail = json.loads(r.body)["detail"]
+    assert "TLS check failed, no request sent: certificate not trusted: unable to get local " \
+        "issuer certificate (not signed by a CA in the trust store) (depth 0: CN=localhost)" \
+        in detail  # fmt: skip
+    assert detail.endswith(f"checked against trust {env.dir / 'server-ca.pem'}")
+    assert "SSL routines" not in detail
 
 
 def test_route_heals_within_2_s_once_a_failing_token_endpoint_recovers(

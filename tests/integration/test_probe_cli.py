@@ -66,9 +66,9 @@ class Env:
             """,
         )
 
-    def peer_args(self, client_ca: str = "client-ca.pem") -> list[str]:
+    def peer_args(self, client_ca: str = "client-ca.pem", stem: str = "origin") -> list[str]:
         d = self.dir
-        return ["--cert", str(d / "origin.pem"), "--key", str(d / "origin.key"),
+        return ["--cert", str(d / f"{stem}.pem"), "--key", str(d / f"{stem}.key"),
                 "--client-ca", str(d / client_ca)]  # fmt: skip
 
 
@@ -82,7 +82,8 @@ def probe(config: Path, *args: str) -> Probe:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("probe")
-    origin_pki(d, dns=("localhost", "probe.test"))
+    server_ca, _ = origin_pki(d, dns=("localhost", "probe.test"))
+    server_ca.issue("CN=elsewhere", dns=("elsewhere.test",), server=True).write(d, "elsewhere")
     other_ca = make_ca("C=FR,O=Someone Else,CN=Other Root")
     stranger_ca = make_ca("C=FR,O=Stranger,CN=Stranger Client CA")
     write_ca(stranger_ca, d / "stranger-ca.pem")
@@ -328,6 +329,26 @@ def test_oauth_endpoint_error_is_reported_and_exit_1(env: Env, tmp_path: Path) -
     assert r.returncode == 1, r.stdout + r.stderr
     assert "OAuth token:" in r.stdout and "FAILED" in r.stdout
     assert "answered HTTP 400: invalid_grant" in r.stdout
+
+
+def test_oauth_token_server_named_elsewhere_fails_the_probe_and_gets_no_call(
+    env: Env, tmp_path: Path
+) -> None:
+    stats = tmp_path / "stats.jsonl"
+    tokens = Peer(
+        [str(PEERS / "token_server.py"), "--port", "0", *env.peer_args(stem="elsewhere"),
+         "--public-key", str(env.dir / "oauth.pub"), "--stats", str(stats)]
+    ).start()  # fmt: skip
+    conf = _oauth_conf(env, "oauth-elsewhere", tokens.port)
+    with running(tokens):
+        r = probe(conf)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "OAuth token:" in r.stdout and "FAILED" in r.stdout
+    assert (
+        "TLS check failed, no request sent: hostname mismatch: certificate is for "
+        "elsewhere.test, not localhost" in r.stdout
+    )
+    assert not stats.exists() or stats.read_text() == ""
 
 
 # --------------------------------------------------------------------------- ingress

@@ -13,11 +13,13 @@ import attrs
 import pytest
 from OpenSSL import SSL
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from proxy.tls.contexts import (
     ClientMaterial,
     ClientTLS,
     KeyPair,
+    PeerRejected,
     client_context,
     server_context,
     session_reused,
@@ -77,13 +79,20 @@ class FakeTLS:
         self.wrappedProtocol = conn
         self.handle: SSL.Connection | None = None
         self.aborted = False
+        self.disconnecting = False
+        self.reason: Failure | None = None
 
     def getHandle(self) -> SSL.Connection:
         assert self.handle is not None
         return self.handle
 
     def abortConnection(self) -> None:
-        self.aborted = True
+        self.aborted = self.disconnecting = True
+
+    def failVerification(self, reason: Failure) -> None:
+        """What ClientTLS's connection calls on a failed name check (Twisted's TLS aborts)."""
+        self.reason = reason
+        self.abortConnection()
 
 
 def make_pool(material: ClientMaterial, clock: Clock | None = None) -> tuple[Pool, list[str]]:
@@ -131,7 +140,8 @@ def connect(
     transport = FakeTLS(up)
     up.transport = transport
     assert pool.tls is not None
-    client = pool.tls.clientConnectionForTLS(transport)
+    # the pool's creator, for the name this connection dials (same material: same session)
+    client = ClientTLS(pool.tls.material, tls_name).clientConnectionForTLS(transport)
     transport.handle = client
     server = SSL.Connection(server_ctx, None)
     server.set_accept_state()
@@ -183,7 +193,9 @@ def test_the_name_is_still_checked_on_a_resumed_connection(pki: Pki, version: st
     up, transport, client = connect(pool, origin, tls_name="elsewhere.example", respond=False)
     assert session_reused(client)  # OpenSSL resumed: it ran no chain verification ...
     assert transport.aborted and up.ready is not None  # ... the name check refused it anyway
-    assert up.failure_detail is not None and "hostname mismatch" in up.failure_detail
+    assert transport.reason is not None and isinstance(transport.reason.value, PeerRejected)
+    assert transport.reason.value.check == "name"
+    assert "hostname mismatch" in transport.reason.value.detail
     assert kinds == ["full"]
 
 
