@@ -55,6 +55,7 @@ class Exchange:
         "extra",
         "head",
         "headers_out",
+        "held",
         "local",
         "out_chunked",
         "request_done",
@@ -93,6 +94,7 @@ class Exchange:
         self.extra: list[tuple[bytes, bytes]] = []
         self.waiting: defer.Deferred[Any] | None = None
         self.local: LocalHandler | None = None
+        self.held: list[bytes] | None = None  # bytes for the upstream, until the read is parsed
 
     # ---- request side
     def start(self) -> None:
@@ -181,7 +183,7 @@ class Exchange:
         if self.request_done and self.up_chunked:
             parts.append(LAST_CHUNK)
         # From here on bytes may reach the upstream: this request is never sent again.
-        up.write(b"".join(parts))
+        self._up_write(b"".join(parts))
         up.deadline = self.down.clock.seconds() + self.route.timeouts.response
         self.down.resume("waiting-upstream")
         if self.down.write_paused:
@@ -218,7 +220,7 @@ class Exchange:
                 self.body_buffer.append(data)
             return
         if self.up is not None:
-            self.up.write(chunk(data) if self.up_chunked else data)
+            self._up_write(chunk(data) if self.up_chunked else data)
             self.up.deadline = self.down.clock.seconds() + self.route.timeouts.response
         elif self.body_buffer is not None:
             self.body_buffer.append(data)
@@ -233,10 +235,23 @@ class Exchange:
             return
         if self.up is not None:
             if self.up_chunked:
-                self.up.write(LAST_CHUNK)
+                self._up_write(LAST_CHUNK)
             self.up.deadline = self.down.clock.seconds() + self.route.timeouts.response
         if self.response_done:
             self.down.exchange_finished(self)
+
+    def _up_write(self, data: bytes) -> None:
+        """To the upstream, but only once every byte of the client's read is parsed: writes go
+        out at once, so a head written mid-parse would be on the wire before the parser reached
+        a framing error later in the same read (see Downstream.dataReceived)."""
+        if self.down.parsing:
+            if self.held is None:
+                self.held = []
+                self.down.holding.append(self)
+            self.held.append(data)
+        else:
+            assert self.up is not None
+            self.up.write(data)
 
     def _answer_locally(self) -> None:
         assert self.local is not None
@@ -481,6 +496,7 @@ class Downstream(Protocol):
         self.corked: list[bytes] | None = None
         self.raw: Any = None  # the TCP descriptor under TLS, closed with it
         self.peer_host = ""
+        self.holding: list[Exchange] = []  # exchanges with upstream bytes held (see _up_write)
 
     def connectionMade(self) -> None:
         self.raw = socket_of(self.transport)
@@ -514,6 +530,8 @@ class Downstream(Protocol):
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self.parsing = False
+            self._release_held(None)
             # CONNECT (answered 405) or an Upgrade request (forwarded without its Upgrade
             # header): the parser cannot go on, so this connection ends after that exchange.
             self.refusing = True
@@ -524,10 +542,16 @@ class Downstream(Protocol):
                     self.close()
             return
         except httptools.HttpParserError as e:
+            self.parsing = False
+            # nothing of the request the error is in goes upstream from this read; what went
+            # out from earlier reads is cut off by _bad (the upstream connection is aborted)
+            self._release_held(self.current)
             self._bad(ProxyError(400, "bad_request", f"malformed HTTP request: {e}"))
             return
         finally:
             self.parsing = False
+        if self.holding:
+            self._release_held(None)
         if self.in_head and self.head_bytes > self.route.limits.max_header_bytes:
             self._bad(
                 ProxyError(
@@ -540,12 +564,28 @@ class Downstream(Protocol):
         if self.exchange is None and self.current is None and not self.in_head and not self.queue:
             self.parser = None  # answered while these bytes were parsed (see _rest)
 
+    def _release_held(self, refused: Exchange | None) -> None:
+        """Write what exchanges held for the upstream while a read was parsed; the refused
+        one's bytes are dropped, as are those of an exchange that lost its upstream meanwhile."""
+        holding, self.holding = self.holding, []
+        for ex in holding:
+            held, ex.held = ex.held, None
+            if held and ex is not refused and ex.up is not None:
+                ex.up.write(b"".join(held) if len(held) > 1 else held[0])
+
     def _bad(self, err: ProxyError) -> None:
         """Unparseable input: answer it after what is queued, then close; nothing more is read."""
         self.refusing = True
         self.pause("bad")
         ex = self.current if self.current is not None and not self.current.response_done else None
-        if ex is None or ex is not self.exchange:
+        if ex is not None and ex is not self.exchange:
+            # a queued request whose own bytes are bad: it is answered with the error when its
+            # turn comes, and nothing of it is ever sent upstream
+            ex.error = err
+            ex.request_done = True
+            ex.body_buffer = None
+            return
+        if ex is None:
             ex = Exchange(self, RequestHead(b"-", b"-", b"1.1", [], None, False, False), err)
             if self.exchange is None and not self.queue:
                 self.exchange = ex

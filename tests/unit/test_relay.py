@@ -53,8 +53,11 @@ class RecordingPool(Pool):
         )
         self.pending: list[defer.Deferred[UpstreamConnection]] = []
         self.released: list[tuple[UpstreamConnection, bool]] = []
+        self.idle_ready: list[UpstreamConnection] = []  # handed out at once, as idle ones are
 
-    def acquire(self) -> defer.Deferred[UpstreamConnection]:
+    def acquire(self) -> UpstreamConnection | defer.Deferred[UpstreamConnection]:
+        if self.idle_ready:
+            return self.idle_ready.pop(0)
         d: defer.Deferred[UpstreamConnection] = defer.Deferred()
         self.pending.append(d)
         return d
