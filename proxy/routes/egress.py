@@ -65,12 +65,16 @@ class Egress(Route):
         drop = self.drop | head.listed if head.listed else self.drop
         out: list[tuple[bytes, bytes]] = [(b"Host", self.host_header)]
         has_correlation = False
+        hosts = 0
         for lname, name, value in head.headers:
             if lname in drop or lname.startswith(b"proxy-"):
+                hosts += lname == b"host"
                 continue
             if lname == CORRELATION:
                 has_correlation = True
             out.append((name, value))
+        if hosts > 1:  # RFC 9112 3.2: a server answers 400 to more than one Host
+            raise ProxyError(400, "bad_request", "more than one Host header")
         if not has_correlation:
             out.append((b"x-correlation-id", new_correlation_id()))
         return self.base_path + target, out
