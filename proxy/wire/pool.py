@@ -16,6 +16,9 @@ handed out; a session is not offered past its server certificate's notAfter.
 
 from __future__ import annotations
 
+import fcntl
+import sys
+import termios
 from collections.abc import Callable
 from typing import Any
 from typing import Protocol as Interface
@@ -54,12 +57,26 @@ _NOTHING: frozenset[bytes] = frozenset()
 
 
 def socket_of(transport: Any) -> Any:
-    """The reactor's descriptor under a transport (TLS wraps the TCP one), or None for
-    transports no reactor drives (in-memory ones in tests). Looked up once per connection."""
-    if IWriteDescriptor.providedBy(transport):
-        return transport
+    """The reactor's TCP descriptor under a transport, or None for transports no reactor drives
+    (in-memory ones in tests). Looked up once per connection. Twisted's TLS wrapper copies the
+    TCP transport's interfaces onto itself, so it is told apart by what it wraps, not by them."""
     inner = getattr(transport, "transport", None)
-    return inner if IWriteDescriptor.providedBy(inner) else None
+    if inner is not None and IWriteDescriptor.providedBy(inner):
+        return inner  # TLS over TCP
+    return transport if IWriteDescriptor.providedBy(transport) else None
+
+
+def unsent(tcp: Any) -> int:
+    """Bytes written to a TCP descriptor that the peer has not taken yet: Twisted's buffer plus
+    the kernel's send queue (SIOCOUTQ). A count that does not fall means the peer stopped
+    reading."""
+    left: int = len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
+    try:
+        queued = fcntl.ioctl(tcp.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        left += int.from_bytes(queued, sys.byteorder, signed=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return left
 
 
 @implementer(IHandshakeListener)

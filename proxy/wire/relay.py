@@ -30,7 +30,7 @@ from proxy.wire.http import (
     response,
     tokens_of,
 )
-from proxy.wire.pool import UpstreamConnection, socket_of
+from proxy.wire.pool import UpstreamConnection, socket_of, unsent
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -497,6 +497,8 @@ class Downstream(Protocol):
         self.raw: Any = None  # the TCP descriptor under TLS, closed with it
         self.peer_host = ""
         self.holding: list[Exchange] = []  # exchanges with upstream bytes held (see _up_write)
+        self.closed_now = False  # our close is sent: waiting for the peer's
+        self.close_unsent = 0  # bytes of ours the peer had not taken, when last looked at
 
     def connectionMade(self) -> None:
         self.raw = socket_of(self.transport)
@@ -519,7 +521,7 @@ class Downstream(Protocol):
         self.route.handshake_completed(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.refusing:
+        if self.refusing or self.closing:
             return
         if self.in_head or self.exchange is None:
             self.head_bytes += len(data)
@@ -776,8 +778,11 @@ class Downstream(Protocol):
 
     def timed_out(self, now: float) -> None:
         self.deadline = 0.0
+        if self.closed_now:
+            self._close_grace_over(now)
+            return
         if self.closing or not self.handshake_done:
-            # our close was not completed by the peer in time, or the TLS handshake stalled
+            # our close waited for a client that does not read, or the TLS handshake stalled
             self.handshake_timed_out = not self.handshake_done and not self.closing
             self.transport.abortConnection()
             return
@@ -870,18 +875,50 @@ class Downstream(Protocol):
             self.close_now()
 
     def close_now(self) -> None:
-        """Send what is queued and our close (close_notify under TLS), then close TCP without
-        waiting for the peer's close_notify: a silent peer must not hold the connection. The
-        producer is unregistered first: Twisted's TLS postpones its shutdown until it is."""
+        """Send what is queued and our close: close_notify under TLS, then TCP's FIN once it is
+        flushed (a write shutdown, so the client reads the whole response and then EOF). The
+        connection then reads again, dropping what comes, only to see the peer's close_notify or
+        FIN, and closes on either at once; a peer that does neither is closed at close_grace
+        (see _close_grace_over). The producer is unregistered first: Twisted's TLS postpones
+        its shutdown until it is."""
         if self.gone:
             return
         if self.producing:
             self.producing = False
             self.transport.unregisterProducer()
-        self.transport.loseConnection()
-        if self.raw is not None and self.raw is not self.transport:
-            self.raw.loseConnection()
+        self.closed_now = True
+        tcp = self.raw
+        if tcp is not None and tcp is not self.transport:  # TLS over TCP
+            self.transport.loseConnection()  # our close_notify, into TCP's buffer
+            if not tcp.disconnecting:  # (the peer's close_notify, already in, closed TCP)
+                tcp.loseWriteConnection()  # FIN once close_notify and all before it are sent
+        elif tcp is not None:
+            tcp.loseWriteConnection()
+        else:  # a transport no reactor drives (tests)
+            self.transport.loseConnection()
+        if tcp is not None and self.paused and not self.gone:  # read again: the peer's close
+            # (its close_notify or FIN) is what we wait for
+            self.paused = _READING
+            self.transport.resumeProducing()
         self.deadline = self.clock.seconds() + self.route.timeouts.close_grace
+        self.close_unsent = unsent(tcp) if tcp is not None else 0
+
+    def _close_grace_over(self, now: float) -> None:
+        """close_grace after our close: a peer still taking our bytes gets another grace; one
+        that took them all is closed (FIN already sent: nothing lost); one that stopped reading
+        is aborted."""
+        tcp = self.raw
+        if tcp is None or self.gone:
+            self.transport.abortConnection()
+            return
+        left = unsent(tcp)
+        if left and left < self.close_unsent:
+            self.close_unsent = left
+            self.deadline = now + self.route.timeouts.close_grace
+        elif left:
+            self.transport.abortConnection()
+        else:
+            tcp.loseConnection()
 
     def pause(self, reason: str) -> None:
         if not self.paused and not self.gone:

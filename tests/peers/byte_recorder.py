@@ -2,7 +2,8 @@
 each request `200 ok`: mutual TLS with --cert/--key/--client-ca, plain HTTP without.
 
 Each read is appended to --record as {"conn": N, "data": BASE64}, each end of a connection as
-{"conn": N, "end": "eof" | "reset"}. Prints 'LISTENING <port>'.
+{"conn": N, "end": "eof" | "reset"}. With --body-bytes N the answer's body is N bytes of "x".
+Prints 'LISTENING <port>'.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ _LOCK = threading.Lock()
 def record(path: Path, **fields: Any) -> None:
     with _LOCK, path.open("a") as f:
         f.write(json.dumps(fields) + "\n")
+
+
+def answer(size: int | None) -> bytes:
+    if size is None:
+        return ANSWER
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
 
 
 def complete(buffer: bytes) -> int:
@@ -59,7 +66,7 @@ def serve(
             buffer += data
             while (size := complete(buffer)) > 0:
                 buffer = buffer[size:]
-                sock.sendall(ANSWER)
+                sock.sendall(answer(args.body_bytes))
     except (OSError, ssl.SSLError):
         end = "reset"
     finally:
@@ -73,6 +80,7 @@ def main() -> None:
     parser.add_argument("--cert")
     parser.add_argument("--key")
     parser.add_argument("--client-ca")
+    parser.add_argument("--body-bytes", type=int)
     args = parser.parse_args()
     ctx = None
     if args.cert:
