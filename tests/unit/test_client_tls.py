@@ -198,11 +198,15 @@ CLIENT_TLS_SITES = {
     ("tls/contexts.py", "tls_factory", "TLSMemoryBIOFactory"): "the caller's creator",
     ("ops/supervisor.py", "Supervisor._token_sources", "ClientTLS"): "ClientTLS",
     # probe: egress dials and its token fetch through ClientTLS (and _WatchedTLS, a subclass)
-    ("commands/probe.py", "_Prober.route", "ClientTLS"): "ClientTLS",
+    ("commands/probe/egress.py", "_Prober.route", "ClientTLS"): "ClientTLS",
     # probe's ingress check stands where the partner stands, to report on our own listener:
     # it sends one malformed line and no request, and reports the name check it makes itself
-    ("commands/probe.py", "_PartnerTLS.clientConnectionForTLS", "SSL.Connection"): "partner view",
-    ("commands/probe.py", "_IngressProber.route", "tls_factory"): "partner view",
+    (
+        "commands/probe/ingress.py",
+        "_PartnerTLS.clientConnectionForTLS",
+        "SSL.Connection",
+    ): "partner view",
+    ("commands/probe/ingress.py", "_IngressProber.route", "tls_factory"): "partner view",
     # the demo's stand-in for D1 calling us: Twisted's own checking creator
     ("commands/demo.py", "_Policy.creatorForNetloc", "creatorForNetloc"): "Twisted's",
     ("commands/demo.py", "_demo", "optionsForClientTLS"): "Twisted's (checks the name)",
@@ -283,6 +287,6 @@ def test_no_code_replaces_the_client_contexts_info_callback() -> None:
         for n, line in enumerate(p.read_text().splitlines(), 1)
         if ".set_info_callback(" in line
     ]
-    assert {f for f, _n in setters} <= {"tls/contexts.py", "commands/probe.py"}
-    probe = (PROXY / "commands/probe.py").read_text()
+    assert {f for f, _n in setters} <= {"tls/contexts.py", "commands/probe/ingress.py"}
+    probe = (PROXY / "commands/probe/egress.py").read_text()
     assert "material.context.set_info_callback" not in probe
