@@ -499,6 +499,7 @@ class Downstream(Protocol):
         self.holding: list[Exchange] = []  # exchanges with upstream bytes held (see _up_write)
         self.closed_now = False  # our close is sent: waiting for the peer's
         self.close_unsent = 0  # bytes of ours the peer had not taken, when last looked at
+        self.close_by = 0.0  # after our close, no more grace past this
 
     def connectionMade(self) -> None:
         self.raw = socket_of(self.transport)
@@ -900,19 +901,24 @@ class Downstream(Protocol):
             # (its close_notify or FIN) is what we wait for
             self.paused = _READING
             self.transport.resumeProducing()
-        self.deadline = self.clock.seconds() + self.route.timeouts.close_grace
+        now = self.clock.seconds()
+        self.deadline = now + self.route.timeouts.close_grace
+        self.close_by = now + self.route.timeouts.send
         self.close_unsent = unsent(tcp) if tcp is not None else 0
 
     def _close_grace_over(self, now: float) -> None:
-        """close_grace after our close: a peer still taking our bytes gets another grace; one
-        that took them all is closed (FIN already sent: nothing lost); one that stopped reading
-        is aborted."""
+        """close_grace after our close: a peer still taking our bytes gets another grace (up to
+        send_timeout after our close); one that took them all is closed (FIN already sent:
+        nothing lost); one that stopped reading is aborted."""
         tcp = self.raw
         if tcp is None or self.gone:
             self.transport.abortConnection()
             return
         left = unsent(tcp)
-        if left and left < self.close_unsent:
+        # taking our bytes, and not for longer than a client may take them (send_timeout): a
+        # reader slow on purpose does not hold its slot for ever
+        reading = left < self.close_unsent and now < self.close_by
+        if left and reading:
             self.close_unsent = left
             self.deadline = now + self.route.timeouts.close_grace
         elif left:

@@ -123,8 +123,8 @@ def test_a_slow_reader_gets_all_of_a_1_mb_answer_before_our_close(env: Env) -> N
     with env.tls(env.big, rcvbuf=16384) as s:
         s.sendall(b"GET /big HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         t0 = time.monotonic()
-        _head, body = read_response(s, pace=0.03)  # ~2 s for 1 MB: past close_grace
+        _head, body = read_response(s, pace=0.04)  # ~2.5 s for 1 MB: past close_grace
         took = time.monotonic() - t0
         assert len(body) == BIG and body == b"x" * BIG
-        assert took > 2 * GRACE  # the reading did outlast close_grace
+        assert took > 1.5 * GRACE  # the reading did outlast close_grace
         assert close_then_eof(s) < 0.1
