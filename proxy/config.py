@@ -6,6 +6,7 @@ at once; `load()` raises ConfigError carrying the list.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -15,6 +16,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
+
+from proxy import subjects
+from proxy.subjects import SubjectPattern
 
 T = TypeVar("T")
 
@@ -154,7 +158,7 @@ class IngressRoute:
     server_key: Path
     client_ca: Path
     upstream: Upstream
-    allow_subjects: tuple[str, ...] = ()
+    allow_subjects: tuple[SubjectPattern, ...] = ()  # empty: every certificate client_ca signed
     identity_headers: tuple[str, ...] = IDENTITY_FAMILIES
     upstream_trust: Path | None = None  # for an https internal upstream; None: Mozilla bundle
     server_name: str | None = None  # the name the partner calls us by (`check` tests the SANs)
@@ -361,6 +365,30 @@ def _str_list(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def _host_name(value: object) -> str:
+    """A DNS host name (IDN allowed) or an IP address: what TLS sends as SNI and checks."""
+    text = _str(value)
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    try:
+        ascii_name = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_name = ""
+    labels = ascii_name.split(".")
+    if not ascii_name or len(ascii_name) > 253 or not all(_LABEL.match(x) for x in labels):
+        raise _Bad(
+            f"{text!r} is not a host name or IP address: a host name only; the port "
+            "belongs in `upstream`"
+        )
+    return text
+
+
 def _route_name(value: object) -> str:
     text = _str(value)
     if not _NAME.match(text):
@@ -455,7 +483,7 @@ class _Loader:
         trust = r.get("trust", self.file)
         profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
         env = r.get("env", _choice("PPR", "PRD"))
-        server_name = r.get("server_name", _str)
+        server_name = r.get("server_name", _host_name)
         age = r.get("max_connection_age", parse_duration, 60.0)
         if age == 0:
             r.error("max_connection_age", "must be greater than 0")
@@ -515,7 +543,7 @@ class _Loader:
         key = r.require("server_key", self.file)
         client_ca = r.require("client_ca", self.file)
         upstream = r.require("upstream", lambda v: parse_upstream(v, ("http", "https")))
-        allow: tuple[str, ...] | None = r.get("allow_subjects", _str_list, None)
+        allow = self.subjects(r, "allow_subjects")
         families: tuple[str, ...] | None = r.get("identity_headers", _str_list, None)
         if families is None:
             families = IDENTITY_FAMILIES
@@ -526,7 +554,7 @@ class _Loader:
                     f"unknown family {family!r}; known: client-cert, xfcc, x-client",
                 )
         upstream_trust = r.get("upstream_trust", self.file)
-        server_name = r.get("server_name", _str)
+        server_name = r.get("server_name", _host_name)
         profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
         pool_max_idle = r.get("pool_max_idle", _int, 64)
         age = r.get("max_connection_age", parse_duration, 300.0)
@@ -561,6 +589,36 @@ class _Loader:
             max_connection_age=300.0 if age is None or age == 0 else age,
             oauth=oauth,
         )
+
+    def subjects(self, r: _Reader, key: str) -> tuple[SubjectPattern, ...]:
+        """Each entry a DN pattern (proxy.subjects); info findings give the form compared."""
+        listed: tuple[str, ...] | None = r.get(key, _str_list, None)
+        if listed is not None and not listed:
+            r.error(
+                key,
+                "an empty list: omit the key to admit every certificate the client CA "
+                "signed, or list the subjects to admit",
+            )
+        out: list[SubjectPattern] = []
+        for i, entry in enumerate(listed or ()):
+            try:
+                pattern = subjects.parse(entry)
+            except subjects.PatternError as e:
+                r.error(f"{key}[{i}]", f"{entry!r} is not a distinguished name: {e}")
+                continue
+            scope = "any common name of the" if pattern.common_name_only else "the whole"
+            where = r.key(f"{key}[{i}]")
+            self.add("info", where, f"{entry!r} compares {scope} subject with {pattern}")
+            if pattern.looks_reversed:
+                self.add(
+                    "warning",
+                    where,
+                    f"{entry!r} is read as RFC 4514, most specific "
+                    "first, yet starts with C/DC and ends with CN: for the order openssl "
+                    "prints, write it as 'C = .., CN = ..' or '/C=../CN=..'",
+                )
+            out.append(pattern)
+        return tuple(out)
 
     def ingress_oauth(self, r: _Reader) -> IngressOAuth | None:
         clients = r.require("clients_file", self.file)
