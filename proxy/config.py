@@ -171,9 +171,17 @@ class IngressRoute:
     direction: str = "ingress"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
 @attrs.frozen
 class AdminConfig:
     listen: Listen
+    status_from: tuple[Network, ...] = LOOPBACK  # peers /status (and /) answer; others get 403
 
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -387,6 +395,20 @@ def _host_name(value: object) -> str:
             "belongs in `upstream`"
         )
     return text
+
+
+def _networks(r: _Reader, key: str) -> tuple[Network, ...]:
+    """A list of CIDRs ("10.0.0.0/8", "::1"); each bad entry is an error naming it."""
+    listed: tuple[str, ...] | None = r.get(key, _str_list, None)
+    if listed is None:
+        return LOOPBACK
+    out: list[Network] = []
+    for i, text in enumerate(listed):
+        try:
+            out.append(ipaddress.ip_network(text.strip()))
+        except ValueError as e:
+            r.error(f"{key}[{i}]", f"{text!r} is not an address or CIDR block: {e}")
+    return tuple(out)
 
 
 def _route_name(value: object) -> str:
@@ -730,8 +752,9 @@ def parse(
     a = root.sub("admin")
     if a:
         listen = a.require("listen", lambda v: parse_listen(v, "127.0.0.1"))
+        status_from = _networks(a, "status_from")
         a.finish()
-        admin = AdminConfig(listen) if listen else None
+        admin = AdminConfig(listen, status_from) if listen else None
     egress: list[EgressRoute] = []
     ingress: list[IngressRoute] = []
     prefixes: dict[int, str] = {}

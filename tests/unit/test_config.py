@@ -270,7 +270,7 @@ def test_string_for_a_list_is_a_type_error(folder: Path) -> None:
 
 
 def test_empty_allow_subjects_is_an_error_saying_to_omit_the_key(folder: Path) -> None:
-    config, findings = parse_text(folder, INGRESS + "allow_subjects = []\n")
+    _, findings = parse_text(folder, INGRESS + "allow_subjects = []\n")
     assert errors(findings) == {
         "ingress[0] (d1-callbacks).allow_subjects": "an empty list: omit the key to admit "
         "every certificate the client CA signed, or list the subjects to admit"
@@ -279,7 +279,7 @@ def test_empty_allow_subjects_is_an_error_saying_to_omit_the_key(folder: Path) -
 
 def test_an_unparsable_subject_is_an_error_naming_the_entry(folder: Path) -> None:
     text = INGRESS + 'allow_subjects = ["CN=ok.example", "*.d1.example", "XY=1"]\n'
-    config, findings = parse_text(folder, text)
+    _, findings = parse_text(folder, text)
     assert errors(findings) == {
         "ingress[0] (d1-callbacks).allow_subjects[1]": "'*.d1.example' is not a distinguished "
         "name: '*.d1.example': expected TYPE=value",
@@ -316,8 +316,11 @@ def test_rfc4514_written_in_openssl_order_gets_a_warning(folder: Path) -> None:
     assert "most specific first" in warning.message
 
 
-@pytest.mark.parametrize("value", ["d1.example:443", "https://d1.example", "d1.example/x",
-                                   "", "a..b", "-a.example", "x" * 64 + ".example", "a b"])  # fmt: skip
+NOT_HOSTS = ["d1.example:443", "https://d1.example", "d1.example/x", "", "a..b", "-a.example",
+             "x" * 64 + ".example", "a b"]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", NOT_HOSTS)
 @pytest.mark.parametrize("section", ["egress", "ingress"])
 def test_server_name_is_a_host_name_only(folder: Path, section: str, value: str) -> None:
     base = EGRESS if section == "egress" else INGRESS
@@ -369,6 +372,20 @@ def test_missing_oauth_key_is_named(folder: Path) -> None:
     text = EGRESS + "\n".join(ln for ln in OAUTH.splitlines() if "key_id" not in ln)
     _, findings = parse_text(folder, text)
     assert errors(findings) == {"egress[0] (d1-ppr).oauth.key_id": "missing (required)"}
+
+
+def test_status_from_defaults_to_loopback_and_names_a_bad_entry(folder: Path) -> None:
+    config, _ = parse_text(folder, '[admin]\nlisten = "0.0.0.0:9901"\n' + EGRESS)
+    assert config is not None and config.admin is not None
+    assert [str(n) for n in config.admin.status_from] == ["127.0.0.0/8", "::1/128"]
+    text = '[admin]\nlisten = "0.0.0.0:9901"\nstatus_from = ["10.0.0.0/8", "::1", "pod"]\n'
+    config, findings = parse_text(folder, text + EGRESS)
+    assert errors(findings) == {
+        "admin.status_from[2]": "'pod' is not an address or CIDR block: "
+        "'pod' does not appear to be an IPv4 or IPv6 network"
+    }
+    assert config is not None and config.admin is not None
+    assert [str(n) for n in config.admin.status_from] == ["10.0.0.0/8", "::1/128"]
 
 
 def test_missing_admin_listen_is_named(folder: Path) -> None:
