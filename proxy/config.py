@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
+from service_identity.hazmat import DNS_ID
 
 from proxy import subjects
 from proxy.subjects import SubjectPattern
@@ -24,7 +25,7 @@ T = TypeVar("T")
 
 PROFILES = ("d1", "generic")
 IDENTITY_FAMILIES = ("client-cert", "xfcc", "x-client")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 _UNITS |= {"ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -254,18 +255,24 @@ def parse_listen(value: object, default_host: str) -> Listen:
     if not isinstance(value, str) or not value:
         raise _Bad(f"expected 'host:port', 'unix:PATH' or 'systemd:NAME', got {value!r}")
     if value.startswith("unix:"):
-        if not value[5:]:
-            raise _Bad("unix: needs a socket path")
+        if not value[5:] or "\x00" in value:
+            raise _Bad("unix: needs a socket path (without NUL)")
         return Listen("unix", path=value[5:])
     if value.startswith("systemd:"):
         if not value[8:]:
             raise _Bad("systemd: needs the socket's FileDescriptorName")
         return Listen("systemd", name=value[8:])
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return Listen("tcp", host=default_host, port=_port(value))
-    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:]+):(\d+)$", value)
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:([0-9]+)$", value) or re.match(
+        r"^([^:]+):([0-9]+)$", value
+    )
     if not m:
         raise _Bad(f"expected 'host:port' (IPv6 as '[::1]:port'), got {value!r}")
+    try:
+        _host_name(m.group(1))
+    except _Bad:
+        raise _Bad(f"{m.group(1)!r} in {value!r} is not a host name or IP address") from None
     return Listen("tcp", host=m.group(1), port=_port(m.group(2)))
 
 
@@ -284,6 +291,10 @@ def parse_upstream(value: object, schemes: tuple[str, ...]) -> Upstream:
         raise _Bad(f"scheme must be {' or '.join(schemes)}, got {value!r}")
     if not parts.hostname:
         raise _Bad(f"no host in {value!r}")
+    try:
+        _host_name(parts.hostname)
+    except _Bad:
+        raise _Bad(f"{parts.hostname!r} in {value!r} is not a host name or IP address") from None
     if parts.query or parts.fragment or parts.username:
         raise _Bad("no query, fragment or credentials allowed in the upstream URL")
     try:
@@ -389,12 +400,15 @@ def _host_name(value: object) -> str:
     except UnicodeError:
         ascii_name = ""
     labels = ascii_name.split(".")
-    if not ascii_name or len(ascii_name) > 253 or not all(_LABEL.match(x) for x in labels):
-        raise _Bad(
-            f"{text!r} is not a host name or IP address: a host name only; the port "
-            "belongs in `upstream`"
-        )
-    return text
+    ok = ascii_name and len(ascii_name) <= 253 and all(_LABEL.match(x) for x in labels)
+    if ok and not labels[-1].isdigit():  # "1.2.3" or "0" would be read as an IPv4 address
+        try:
+            DNS_ID(text)  # the check TLS makes of it (IDNA 2008)
+            return text
+        except ValueError:
+            pass
+    raise _Bad(f"{text!r} is not a host name or IP address: a host name only; the port "
+               "belongs in `upstream`")  # fmt: skip
 
 
 def _networks(r: _Reader, key: str) -> tuple[Network, ...]:
@@ -444,6 +458,8 @@ class _Loader:
                 f.read(1)
         except OSError as e:
             raise _Bad(f"cannot read {path}: {e.strerror or e}") from None
+        except ValueError:  # a NUL in the path
+            raise _Bad(f"not a file path: {text!r}") from None
         return path
 
     def listen(self, listen: Listen | None) -> Listen | None:
@@ -541,6 +557,14 @@ class _Loader:
         if token_url is not None and urlsplit(token_url).scheme != "https":
             r.error("token_url", "must be an https:// URL")
             token_url = None
+        elif token_url is not None:
+            try:
+                host = urlsplit(token_url).hostname
+                _host_name(host)
+                urlsplit(token_url).port  # noqa: B018 (raises on a bad port)
+            except (_Bad, ValueError):
+                r.error("token_url", f"no valid host or port in {token_url!r}")
+                token_url = None
         issuer = r.require("issuer", _str)
         key = r.require("signing_key", self.file)
         kid = r.require("key_id", _str)
