@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import attrs
 from service_identity.hazmat import DNS_ID
 
-from proxy import subjects
+from proxy import cpus, subjects
 from proxy.subjects import SubjectPattern
 
 T = TypeVar("T")
@@ -198,6 +198,7 @@ class ServiceConfig:
     access_log: bool = True
     log_level: str = "info"  # debug | info | warn | error
     workers: int = 1  # > 1: a supervisor and this many worker processes on shared sockets
+    workers_why: str = ""  # with workers = "auto": what the number came from (logged)
 
 
 @attrs.frozen
@@ -233,9 +234,7 @@ def parse_size(value: object) -> int:
 
 
 def _workers(value: object) -> int:
-    """A worker count, or "auto": one per CPU this process may run on."""
-    if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+    """A worker count ("auto" is read in `service`, with its reason)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
         raise _Bad(f'expected a number of workers from 1 to 256 or "auto", got {value!r}')
     return value
@@ -716,9 +715,13 @@ class _Loader:
             log.finish()
         svc = root.sub("service")
         drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
-        workers = d.workers
+        workers, workers_why = d.workers, ""
         if svc:
-            workers = svc.get("workers", _workers, workers) or workers
+            if svc.table.get("workers") == "auto":  # the CPUs and the cgroup's CPU quota
+                svc.used.add("workers")
+                workers, workers_why = cpus.workers_auto()
+            else:
+                workers = svc.get("workers", _workers, workers) or workers
             value = svc.get("drain_timeout", parse_duration, None)
             drain = drain if value is None else value  # 0: close at once on SIGTERM
             reload_s = svc.get("reload_interval", parse_duration, reload_s) or 0.0
@@ -745,6 +748,7 @@ class _Loader:
             access_log=access,
             log_level=level,
             workers=workers,
+            workers_why=workers_why,
         )
 
 

@@ -643,6 +643,10 @@ def run_supervisor(config: cfg.Config, inherited: Mapping[str, list[int]],
     sup = Supervisor(config, reactor, environ=environ, inherited=inherited, notifier=notifier,
                      log_level=log_level)  # fmt: skip
     start_logging(config.service.log_format, level=log_level or config.service.log_level)
+    if config.service.workers_why:
+        Supervisor.log.info(
+            "workers: {n} ({why})", n=config.service.workers, why=config.service.workers_why
+        )
 
     def stopped() -> None:
         reactor.stop()  # type: ignore[attr-defined]
