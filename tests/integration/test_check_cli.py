@@ -274,6 +274,7 @@ def test_json_lists_every_finding_with_level_file_key_message(pki_dir: Path) -> 
     [
         ("typo_key = 1", "good", "egress[0] (a).typo_key: unknown key"),
         ("", "rsa2048", "client_key"),
+        ('server_name = "d1.example:443"', "good", "the port belongs in `upstream`"),
     ],
 )
 def test_run_refuses_a_bad_config_with_one_line_naming_the_key(
@@ -316,3 +317,32 @@ def test_server_cert_sans_must_cover_the_ingress_server_name(pki_dir: Path) -> N
     assert bad.returncode == 1
     (line,) = [x for x in bad.lines("error") if "subjectAltName" in x]
     assert "ingress[0] (cb).server_cert" in line and "'d1.merchant.example'" in line
+
+
+@pytest.mark.parametrize("server_name", ["d1.example:443", "https://d1.example"])
+def test_an_ingress_server_name_with_a_port_or_scheme_is_one_line_not_a_traceback(
+    pki_dir: Path, server_name: str
+) -> None:
+    section = f"""
+    [[ingress]]
+    name = "cb"
+    listen = "127.0.0.1:18444"
+    server_cert = "good.pem"
+    server_key = "good.key"
+    client_ca = "client-root.pem"
+    upstream = "http://127.0.0.1:9000"
+    server_name = "{server_name}"
+    profile = "generic"
+    """
+    path = conf(pki_dir, "ingress-sni", section)
+    r = check(path)
+    expected = (
+        f"error: {path}: ingress[0] (cb).server_name: {server_name!r} is not a host name or IP "
+        "address: a host name only; the port belongs in `upstream`"
+    )
+    assert r.returncode == 1 and expected in r.stdout.splitlines(), r.stdout
+    out = subprocess.run(
+        [SIDECAR, "run", "-c", str(path)], capture_output=True, text=True, timeout=10
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr + out.stdout
+    assert out.stderr.strip().splitlines() == [f"mtls-sidecar: {expected}"]
