@@ -522,7 +522,7 @@ def test_workers_auto_follows_the_container_cpu_quota(image: str, env: Env) -> N
     )  # fmt: skip
     count = (
         "import os; print(sum(b'mtls-sidecar' in open(f'/proc/{p}/cmdline', 'rb').read() "
-        "for p in os.listdir('/proc') if p.isdigit()))"
+        "for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()))"
     )
     with running(container, ports.values()) as sidecar:
         assert curl(f"http://127.0.0.1:{ports['egress']}/x").status == 200
