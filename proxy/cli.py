@@ -94,6 +94,12 @@ def _run(args: argparse.Namespace) -> int:
         config.service.log_format, level=args.log_level or config.service.log_level
     )
     accept_errors.on_error = lambda reason: sidecar.metrics.accept_errors.labels(reason).inc()
+    if config.service.workers_why and not worker.is_worker(environ):
+        from twisted.logger import Logger
+
+        Logger(namespace="mtls_sidecar").info(
+            "workers: {n} ({why})", n=config.service.workers, why=config.service.workers_why
+        )
     sidecar.accept_errors = accept_errors
     raise_fd_limit()
     result = {"code": 0}

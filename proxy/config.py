@@ -6,6 +6,7 @@ at once; `load()` raises ConfigError carrying the list.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -15,12 +16,16 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
+from service_identity.hazmat import DNS_ID
+
+from proxy import cpus, subjects
+from proxy.subjects import SubjectPattern
 
 T = TypeVar("T")
 
 PROFILES = ("d1", "generic")
 IDENTITY_FAMILIES = ("client-cert", "xfcc", "x-client")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 _UNITS |= {"ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -154,7 +159,7 @@ class IngressRoute:
     server_key: Path
     client_ca: Path
     upstream: Upstream
-    allow_subjects: tuple[str, ...] = ()
+    allow_subjects: tuple[SubjectPattern, ...] = ()  # empty: every certificate client_ca signed
     identity_headers: tuple[str, ...] = IDENTITY_FAMILIES
     upstream_trust: Path | None = None  # for an https internal upstream; None: Mozilla bundle
     server_name: str | None = None  # the name the partner calls us by (`check` tests the SANs)
@@ -167,9 +172,17 @@ class IngressRoute:
     direction: str = "ingress"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
 @attrs.frozen
 class AdminConfig:
     listen: Listen
+    status_from: tuple[Network, ...] = LOOPBACK  # peers /status (and /) answer; others get 403
 
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -185,6 +198,7 @@ class ServiceConfig:
     access_log: bool = True
     log_level: str = "info"  # debug | info | warn | error
     workers: int = 1  # > 1: a supervisor and this many worker processes on shared sockets
+    workers_why: str = ""  # with workers = "auto": what the number came from (logged)
 
 
 @attrs.frozen
@@ -220,9 +234,7 @@ def parse_size(value: object) -> int:
 
 
 def _workers(value: object) -> int:
-    """A worker count, or "auto": one per CPU this process may run on."""
-    if value == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+    """A worker count ("auto" is read in `service`, with its reason)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
         raise _Bad(f'expected a number of workers from 1 to 256 or "auto", got {value!r}')
     return value
@@ -242,18 +254,24 @@ def parse_listen(value: object, default_host: str) -> Listen:
     if not isinstance(value, str) or not value:
         raise _Bad(f"expected 'host:port', 'unix:PATH' or 'systemd:NAME', got {value!r}")
     if value.startswith("unix:"):
-        if not value[5:]:
-            raise _Bad("unix: needs a socket path")
+        if not value[5:] or "\x00" in value:
+            raise _Bad("unix: needs a socket path (without NUL)")
         return Listen("unix", path=value[5:])
     if value.startswith("systemd:"):
         if not value[8:]:
             raise _Bad("systemd: needs the socket's FileDescriptorName")
         return Listen("systemd", name=value[8:])
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return Listen("tcp", host=default_host, port=_port(value))
-    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", value) or re.match(r"^([^:]+):(\d+)$", value)
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:([0-9]+)$", value) or re.match(
+        r"^([^:]+):([0-9]+)$", value
+    )
     if not m:
         raise _Bad(f"expected 'host:port' (IPv6 as '[::1]:port'), got {value!r}")
+    try:
+        _host_name(m.group(1))
+    except _Bad:
+        raise _Bad(f"{m.group(1)!r} in {value!r} is not a host name or IP address") from None
     return Listen("tcp", host=m.group(1), port=_port(m.group(2)))
 
 
@@ -272,6 +290,10 @@ def parse_upstream(value: object, schemes: tuple[str, ...]) -> Upstream:
         raise _Bad(f"scheme must be {' or '.join(schemes)}, got {value!r}")
     if not parts.hostname:
         raise _Bad(f"no host in {value!r}")
+    try:
+        _host_name(parts.hostname)
+    except _Bad:
+        raise _Bad(f"{parts.hostname!r} in {value!r} is not a host name or IP address") from None
     if parts.query or parts.fragment or parts.username:
         raise _Bad("no query, fragment or credentials allowed in the upstream URL")
     try:
@@ -361,6 +383,47 @@ def _str_list(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def _host_name(value: object) -> str:
+    """A DNS host name (IDN allowed) or an IP address: what TLS sends as SNI and checks."""
+    text = _str(value)
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    try:
+        ascii_name = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_name = ""
+    labels = ascii_name.split(".")
+    ok = ascii_name and len(ascii_name) <= 253 and all(_LABEL.match(x) for x in labels)
+    if ok and not labels[-1].isdigit():  # "1.2.3" or "0" would be read as an IPv4 address
+        try:
+            DNS_ID(text)  # the check TLS makes of it (IDNA 2008)
+            return text
+        except ValueError:
+            pass
+    raise _Bad(f"{text!r} is not a host name or IP address: a host name only; the port "
+               "belongs in `upstream`")  # fmt: skip
+
+
+def _networks(r: _Reader, key: str) -> tuple[Network, ...]:
+    """A list of CIDRs ("10.0.0.0/8", "::1"); each bad entry is an error naming it."""
+    listed: tuple[str, ...] | None = r.get(key, _str_list, None)
+    if listed is None:
+        return LOOPBACK
+    out: list[Network] = []
+    for i, text in enumerate(listed):
+        try:
+            out.append(ipaddress.ip_network(text.strip()))
+        except ValueError as e:
+            r.error(f"{key}[{i}]", f"{text!r} is not an address or CIDR block: {e}")
+    return tuple(out)
+
+
 def _route_name(value: object) -> str:
     text = _str(value)
     if not _NAME.match(text):
@@ -394,6 +457,8 @@ class _Loader:
                 f.read(1)
         except OSError as e:
             raise _Bad(f"cannot read {path}: {e.strerror or e}") from None
+        except ValueError:  # a NUL in the path
+            raise _Bad(f"not a file path: {text!r}") from None
         return path
 
     def listen(self, listen: Listen | None) -> Listen | None:
@@ -455,7 +520,7 @@ class _Loader:
         trust = r.get("trust", self.file)
         profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
         env = r.get("env", _choice("PPR", "PRD"))
-        server_name = r.get("server_name", _str)
+        server_name = r.get("server_name", _host_name)
         age = r.get("max_connection_age", parse_duration, 60.0)
         if age == 0:
             r.error("max_connection_age", "must be greater than 0")
@@ -491,6 +556,14 @@ class _Loader:
         if token_url is not None and urlsplit(token_url).scheme != "https":
             r.error("token_url", "must be an https:// URL")
             token_url = None
+        elif token_url is not None:
+            try:
+                host = urlsplit(token_url).hostname
+                _host_name(host)
+                urlsplit(token_url).port  # noqa: B018 (raises on a bad port)
+            except (_Bad, ValueError):
+                r.error("token_url", f"no valid host or port in {token_url!r}")
+                token_url = None
         issuer = r.require("issuer", _str)
         key = r.require("signing_key", self.file)
         kid = r.require("key_id", _str)
@@ -515,7 +588,7 @@ class _Loader:
         key = r.require("server_key", self.file)
         client_ca = r.require("client_ca", self.file)
         upstream = r.require("upstream", lambda v: parse_upstream(v, ("http", "https")))
-        allow: tuple[str, ...] | None = r.get("allow_subjects", _str_list, None)
+        allow = self.subjects(r, "allow_subjects")
         families: tuple[str, ...] | None = r.get("identity_headers", _str_list, None)
         if families is None:
             families = IDENTITY_FAMILIES
@@ -526,7 +599,7 @@ class _Loader:
                     f"unknown family {family!r}; known: client-cert, xfcc, x-client",
                 )
         upstream_trust = r.get("upstream_trust", self.file)
-        server_name = r.get("server_name", _str)
+        server_name = r.get("server_name", _host_name)
         profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
         pool_max_idle = r.get("pool_max_idle", _int, 64)
         age = r.get("max_connection_age", parse_duration, 300.0)
@@ -561,6 +634,36 @@ class _Loader:
             max_connection_age=300.0 if age is None or age == 0 else age,
             oauth=oauth,
         )
+
+    def subjects(self, r: _Reader, key: str) -> tuple[SubjectPattern, ...]:
+        """Each entry a DN pattern (proxy.subjects); info findings give the form compared."""
+        listed: tuple[str, ...] | None = r.get(key, _str_list, None)
+        if listed is not None and not listed:
+            r.error(
+                key,
+                "an empty list: omit the key to admit every certificate the client CA "
+                "signed, or list the subjects to admit",
+            )
+        out: list[SubjectPattern] = []
+        for i, entry in enumerate(listed or ()):
+            try:
+                pattern = subjects.parse(entry)
+            except subjects.PatternError as e:
+                r.error(f"{key}[{i}]", f"{entry!r} is not a distinguished name: {e}")
+                continue
+            scope = "any common name of the" if pattern.common_name_only else "the whole"
+            where = r.key(f"{key}[{i}]")
+            self.add("info", where, f"{entry!r} compares {scope} subject with {pattern}")
+            if pattern.looks_reversed:
+                self.add(
+                    "warning",
+                    where,
+                    f"{entry!r} is read as RFC 4514, most specific "
+                    "first, yet starts with C/DC and ends with CN: for the order openssl "
+                    "prints, write it as 'C = .., CN = ..' or '/C=../CN=..'",
+                )
+            out.append(pattern)
+        return tuple(out)
 
     def ingress_oauth(self, r: _Reader) -> IngressOAuth | None:
         clients = r.require("clients_file", self.file)
@@ -612,9 +715,13 @@ class _Loader:
             log.finish()
         svc = root.sub("service")
         drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
-        workers = d.workers
+        workers, workers_why = d.workers, ""
         if svc:
-            workers = svc.get("workers", _workers, workers) or workers
+            if svc.table.get("workers") == "auto":  # the CPUs and the cgroup's CPU quota
+                svc.used.add("workers")
+                workers, workers_why = cpus.workers_auto()
+            else:
+                workers = svc.get("workers", _workers, workers) or workers
             value = svc.get("drain_timeout", parse_duration, None)
             drain = drain if value is None else value  # 0: close at once on SIGTERM
             reload_s = svc.get("reload_interval", parse_duration, reload_s) or 0.0
@@ -641,6 +748,7 @@ class _Loader:
             access_log=access,
             log_level=level,
             workers=workers,
+            workers_why=workers_why,
         )
 
 
@@ -672,8 +780,9 @@ def parse(
     a = root.sub("admin")
     if a:
         listen = a.require("listen", lambda v: parse_listen(v, "127.0.0.1"))
+        status_from = _networks(a, "status_from")
         a.finish()
-        admin = AdminConfig(listen) if listen else None
+        admin = AdminConfig(listen, status_from) if listen else None
     egress: list[EgressRoute] = []
     ingress: list[IngressRoute] = []
     prefixes: dict[int, str] = {}

@@ -24,6 +24,10 @@ def fetch_status(config: cfg.Config, timeout: float = 5.0) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as answer:
             data: dict[str, Any] = json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 403:
+            raise RuntimeError(f"{url}: 403: this address is not in [admin] status_from") from None
+        raise RuntimeError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise RuntimeError(f"{url}: {reason} (is the sidecar running?)") from None

@@ -1,8 +1,11 @@
-"""Admin listener: /healthz, /readyz, /metrics (twisted.web: it is off the data path)."""
+"""Admin listener: /healthz, /readyz, /metrics (twisted.web: it is off the data path), and
+/status only to the peers in [admin] status_from (it names files, issuers and key ids)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -59,6 +62,39 @@ class _Status(Resource):
         return json.dumps(self.state.status(), indent=2, default=str).encode() + b"\n"
 
 
+class PeerGate(Resource):
+    """Answers with `inner` only to peers in `allowed` (a unix-socket peer passes: the socket's
+    file mode guards it); anyone else gets 403 JSON and nothing of what `inner` holds."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Resource, allowed: Sequence[Any]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.inner, self.allowed = inner, tuple(allowed)
+
+    def render(self, request: Request) -> Any:
+        if peer_allowed(request.getClientAddress(), self.allowed):
+            return self.inner.render(request)  # type: ignore[no-untyped-call]
+        request.setResponseCode(403)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        detail = "this address is not in [admin] status_from"
+        return json.dumps({"error": "forbidden", "detail": detail}).encode() + b"\n"
+
+
+def peer_allowed(address: Any, allowed: Sequence[Any]) -> bool:
+    host = getattr(address, "host", None)
+    if host is None:
+        return True  # a unix socket
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # a dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d
+    return any(ip.version == net.version and ip in net for net in allowed)
+
+
 class _Metrics(Resource):
     isLeaf = True
 
@@ -72,11 +108,11 @@ class _Metrics(Resource):
         return out
 
 
-def admin_site(state: State, registry: CollectorRegistry) -> Any:
+def admin_site(state: State, registry: CollectorRegistry, status_from: Sequence[Any]) -> Any:
     root = Resource()
     root.putChild(b"healthz", _Health())  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", _Ready(state))
-    root.putChild(b"status", _Status(state))
+    root.putChild(b"status", PeerGate(_Status(state), status_from))
     root.putChild(b"metrics", _Metrics(registry))
     site = Site(root)
     site.noisy = False

@@ -90,6 +90,15 @@ def audit(
             pair = tls.build_client_material(r).pair  # exactly what `run` loads
             assert pair is not None
             certificate(f"{prefix}.client_cert", r.client_cert, list(pair.chain), "client")
+            if len(pair.chain) == 1 and pair.leaf.issuer != pair.leaf.subject:
+                add(
+                    "warning",
+                    f"{prefix}.client_cert",
+                    f"{r.client_cert}: holds the leaf only; its issuer "
+                    f"{pair.leaf.issuer.rfc4514_string()} is missing: unless the server trusts "
+                    "that issuer itself, append the intermediate to the file (D1 answers a "
+                    "chain it cannot build with HTTP 400)",
+                )
             if r.profile == "d1":
                 env = r.env or D1_HOST_ENV.get(r.upstream.host)
                 for problem in pki.d1_client_cert_problems(pair.leaf, env):

@@ -171,7 +171,10 @@ RESTART_KEYS = {
 
 
 def _restart_keys(running: cfg.Config, new: cfg.Config) -> list[str]:
-    keys = ["admin.listen"] if running.admin != new.admin else []
+    old, now = running.admin, new.admin
+    keys = ["admin.listen"] if (old and old.listen) != (now and now.listen) else []
+    if old and now and old.status_from != now.status_from:
+        keys.append("admin.status_from")
     for key, field in RESTART_KEYS.items():
         if getattr(running.service, field, None) != getattr(new.service, field, None):
             keys.append(key)
@@ -412,9 +415,10 @@ class Sidecar:
         if self.config.admin is not None:
             from proxy.ops.admin import admin_site
 
-            where = self.config.admin.listen
+            where, status_from = self.config.admin.listen, self.config.admin.status_from
+            site = admin_site(self, self.metrics.registry, status_from)
             try:
-                self.admin_port = self._listen(where, admin_site(self, self.metrics.registry), {})
+                self.admin_port = self._listen(where, site, {})
             except CannotListenError as e:
                 raise tls.MaterialError(
                     f"admin.listen {where}: cannot listen: {e.socketError or e}"

@@ -37,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from proxy import config as cfg
 from proxy.oauth import glue
 from proxy.ops import audit
+from proxy.ops.admin import PeerGate
 from proxy.ops.channel import Channel, ChannelFactory
 from proxy.ops.service import _signature, adopted_key, key_material_paths
 from proxy.ops.worker import CHANNEL_FD_ENV, LISTEN_FDS_ENV, WORKER_ENV
@@ -605,7 +606,8 @@ def _admin_site(sup: Supervisor) -> Site:
     root.putChild(b"healthz", _Async(lambda: (200, b"text/plain", b"ok\n")))  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", _Async(ready))  # type: ignore[no-untyped-call]
     root.putChild(b"metrics", _Async(metrics))  # type: ignore[no-untyped-call]
-    root.putChild(b"status", _Async(status))  # type: ignore[no-untyped-call]
+    status_from = sup.config.admin.status_from if sup.config.admin else ()
+    root.putChild(b"status", PeerGate(_Async(status), status_from))
     site = Site(root)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]
@@ -641,6 +643,10 @@ def run_supervisor(config: cfg.Config, inherited: Mapping[str, list[int]],
     sup = Supervisor(config, reactor, environ=environ, inherited=inherited, notifier=notifier,
                      log_level=log_level)  # fmt: skip
     start_logging(config.service.log_format, level=log_level or config.service.log_level)
+    if config.service.workers_why:
+        Supervisor.log.info(
+            "workers: {n} ({why})", n=config.service.workers, why=config.service.workers_why
+        )
 
     def stopped() -> None:
         reactor.stop()  # type: ignore[attr-defined]

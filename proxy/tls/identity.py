@@ -30,12 +30,8 @@ the certificate's name; for ASCII subjects without such edge cases the string is
 character or DEL in one is percent-encoded (``%20``) as RFC 3986 requires of a URI, so valid URIs
 and host names pass unchanged.
 
-``allow_subjects`` matching (``subject_matches``). Each pattern is an ``fnmatch`` glob, case
-sensitive, compared with the same wire-encoded text the app receives. A pattern that starts with
-``CN=`` and holds no ``,`` is compared only with ``CN=<value>`` for each common name of the
-subject; any other pattern is compared with the whole subject DN (most specific RDN first, as
-RFC 4514 writes it). The CN form never falls back to the whole DN, because there ``*`` would also
-match across RDNs: ``CN=*.d1.example`` would accept ``CN=x,O=evil.d1.example``.
+``allow_subjects`` matching (``subject_matches``): each entry is a distinguished name pattern,
+compared as a name (``proxy.subjects``), never as text.
 """
 
 from __future__ import annotations
@@ -43,12 +39,13 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Collection, Sequence
-from fnmatch import fnmatchcase
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
+
+from proxy import subjects
+from proxy.subjects import SubjectPattern, hex_bytes
 
 FAMILIES = ("client-cert", "xfcc", "x-client")
 
@@ -105,25 +102,10 @@ def rfc4514_subject(cert: x509.Certificate) -> str:
     return _rfc4514(cert.subject)
 
 
-def subject_matches(cert: x509.Certificate, patterns: Sequence[str]) -> bool:
-    """True when any ``allow_subjects`` pattern accepts the subject (module docstring)."""
-    subject: str | None = None
-    common_names: list[str] | None = None
-    for pattern in patterns:
-        if pattern.startswith("CN=") and "," not in pattern:
-            if common_names is None:
-                common_names = [
-                    "CN=" + _escape_value(a.value)
-                    for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-                ]
-            if any(fnmatchcase(cn, pattern) for cn in common_names):
-                return True
-        else:
-            if subject is None:
-                subject = rfc4514_subject(cert)
-            if fnmatchcase(subject, pattern):
-                return True
-    return False
+def subject_matches(cert: x509.Certificate, patterns: Sequence[str | SubjectPattern]) -> bool:
+    """True when any ``allow_subjects`` pattern accepts the subject (``proxy.subjects``)."""
+    parsed = (p if isinstance(p, SubjectPattern) else subjects.parse(p) for p in patterns)
+    return subjects.any_matches(parsed, cert.subject)
 
 
 def _sf_binary(data: bytes) -> bytes:
@@ -161,42 +143,11 @@ _SAN_UNSAFE = re.compile(r"[^!-~]")
 
 
 def _san_text(value: str) -> str:
-    return _SAN_UNSAFE.sub(lambda m: _hex_bytes(m.group(), "%"), value)
+    return _SAN_UNSAFE.sub(lambda m: hex_bytes(m.group(), "%"), value)
 
 
 def _rfc4514(name: x509.Name) -> str:
-    # Same shape as Name.rfc4514_string(): RDNs last to first, multi-valued ones joined by "+".
-    return ",".join(
-        "+".join(f"{a.rfc4514_attribute_name}={_escape_value(a.value)}" for a in rdn)
-        for rdn in reversed(name.rdns)
-    )
-
-
-# RFC 4514 section 2.4 escapes, plus everything that is not printable ASCII.
-_DN_NEEDS_ESCAPE = re.compile(r'["+,;<>\\]|[^ -~]')
-
-
-def _escape_value(value: str | bytes) -> str:
-    if isinstance(value, bytes):
-        return "#" + value.hex()
-    text = _DN_NEEDS_ESCAPE.sub(_escape_char, value)
-    if text.startswith("#"):
-        text = "\\" + text
-    elif text.startswith(" "):
-        text = "\\20" + text[1:]
-    if text.endswith(" "):
-        text = text[:-1] + "\\20"
-    return text
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    char = match.group()
-    return _hex_bytes(char, "\\") if char < " " or char > "~" else "\\" + char
-
-
-def _hex_bytes(char: str, marker: str) -> str:
-    # surrogatepass: a lone surrogate decoded from a BMPString still gets an escape, not a crash.
-    return "".join(f"{marker}{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
+    return subjects.rfc4514(name)
 
 
 def _serial_hex(serial: int) -> str:

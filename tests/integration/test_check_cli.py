@@ -56,6 +56,12 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # leaf, then the root, then the intermediate: the root does not issue the leaf
     (d / "misordered.pem").write_bytes(leaf.cert_pem() + root.cert_pem() + inter.cert_pem())
     (d / "misordered.key").write_bytes(leaf.key_pem())
+    (d / "leafonly.pem").write_bytes(leaf.cert_pem())  # its issuer, the intermediate, is not
+    (d / "leafonly.key").write_bytes(leaf.key_pem())
+    (d / "leafonly.key").chmod(0o600)
+    (d / "chained.pem").write_bytes(leaf.cert_pem() + inter.cert_pem())
+    (d / "chained.key").write_bytes(leaf.key_pem())
+    (d / "chained.key").chmod(0o600)
     (d / "oauth-rsa.key").write_bytes(root.issue("CN=x", key_type="rsa2048").key_pem())
     (d / "oauth-es256.key").write_bytes(root.issue("CN=y").key_pem())
     yield d
@@ -148,12 +154,12 @@ def test_certificate_expiring_within_the_warning_window_is_a_warning(pki_dir: Pa
     )
     r = check(path)
     assert r.returncode == 0, r.stdout
-    (warning,) = r.lines("warning")
+    (warning,) = [w for w in r.lines("warning") if "holds the leaf only" not in w]
     assert "egress[0] (a).client_cert" in warning and re.search(r"expires in (9|10) days", warning)
     narrow = conf(
         pki_dir, "soon-narrow", "[service]\nexpiry_warning_days = 5", egress("a", "soon", "soon")
     )
-    assert not check(narrow).lines("warning")
+    assert not [w for w in check(narrow).lines("warning") if "expires" in w]
 
 
 def test_client_certificate_cn_outside_d1_policy(pki_dir: Path) -> None:
@@ -180,6 +186,20 @@ def test_chain_in_the_wrong_order(pki_dir: Path) -> None:
     assert "certificate 1 (CN=TLSMA-ECDSA/MGW0000001/D1.PPR" in errors[0]
     assert "is issued by CN=Client Issuing CA" in errors[0]
     assert "order the file leaf first, then each issuer" in errors[0]
+
+
+def test_a_client_chain_without_its_intermediate_is_a_warning_naming_the_issuer(
+    pki_dir: Path,
+) -> None:
+    r = check(conf(pki_dir, "leafonly", egress("a", "leafonly", "leafonly")))
+    (warning,) = r.lines("warning")
+    assert "egress[0] (a).client_cert" in warning
+    assert "holds the leaf only; its issuer CN=Client Issuing CA,O=Thales-like,C=FR is missing" in (
+        warning
+    )
+    assert r.returncode == 0, r.stdout
+    whole = check(conf(pki_dir, "whole", egress("a", "chained", "chained")))
+    assert not whole.lines("warning"), whole.stdout
 
 
 def test_oauth_signing_key_must_be_es256(pki_dir: Path) -> None:
@@ -245,7 +265,8 @@ def test_json_lists_every_finding_with_level_file_key_message(pki_dir: Path) -> 
         check(conf(pki_dir, "good-json", egress("a", "good", "good")), "--json").stdout
     )
     assert good["ok"] is True and good["errors"] == 0
-    assert [f["level"] for f in good["findings"]] == ["info"]
+    # the leaf only (its issuer a root the server may trust itself): a warning, not an error
+    assert [f["level"] for f in good["findings"]] == ["info", "warning"]
 
 
 @pytest.mark.parametrize(
@@ -253,6 +274,7 @@ def test_json_lists_every_finding_with_level_file_key_message(pki_dir: Path) -> 
     [
         ("typo_key = 1", "good", "egress[0] (a).typo_key: unknown key"),
         ("", "rsa2048", "client_key"),
+        ('server_name = "d1.example:443"', "good", "the port belongs in `upstream`"),
     ],
 )
 def test_run_refuses_a_bad_config_with_one_line_naming_the_key(
@@ -295,3 +317,32 @@ def test_server_cert_sans_must_cover_the_ingress_server_name(pki_dir: Path) -> N
     assert bad.returncode == 1
     (line,) = [x for x in bad.lines("error") if "subjectAltName" in x]
     assert "ingress[0] (cb).server_cert" in line and "'d1.merchant.example'" in line
+
+
+@pytest.mark.parametrize("server_name", ["d1.example:443", "https://d1.example"])
+def test_an_ingress_server_name_with_a_port_or_scheme_is_one_line_not_a_traceback(
+    pki_dir: Path, server_name: str
+) -> None:
+    section = f"""
+    [[ingress]]
+    name = "cb"
+    listen = "127.0.0.1:18444"
+    server_cert = "good.pem"
+    server_key = "good.key"
+    client_ca = "client-root.pem"
+    upstream = "http://127.0.0.1:9000"
+    server_name = "{server_name}"
+    profile = "generic"
+    """
+    path = conf(pki_dir, "ingress-sni", section)
+    r = check(path)
+    expected = (
+        f"error: {path}: ingress[0] (cb).server_name: {server_name!r} is not a host name or IP "
+        "address: a host name only; the port belongs in `upstream`"
+    )
+    assert r.returncode == 1 and expected in r.stdout.splitlines(), r.stdout
+    out = subprocess.run(
+        [SIDECAR, "run", "-c", str(path)], capture_output=True, text=True, timeout=10
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr + out.stdout
+    assert out.stderr.strip().splitlines() == [f"mtls-sidecar: {expected}"]

@@ -45,7 +45,8 @@ def _material_for(example: Path, folder: Path, creds: Path) -> dict[str, Any]:
     env, gateway_id = egress["env"], egress["oauth"]["issuer"]
 
     thales = make_ca("C=FR,O=Thales-like,CN=Thales-like Client Root")
-    client = thales.issue(f"C=FR,O=Merchant,CN=TLSMA-ECDSA/{gateway_id}/D1.{env}", client=True)
+    issuing = thales.issue("C=FR,O=Thales-like,CN=Thales-like Client Issuing CA", ca=True)
+    client = issuing.issue(f"C=FR,O=Merchant,CN=TLSMA-ECDSA/{gateway_id}/D1.{env}", client=True)
     for key, data in (
         (egress["client_cert"], client.chain_pem()),
         (egress["client_key"], client.key_pem()),

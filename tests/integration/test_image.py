@@ -14,6 +14,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import resource
 import shutil
 import socket
@@ -504,3 +505,32 @@ def test_a_build_leaves_no_superseded_image_behind(image: str) -> None:
     assert out.returncode == 0, out.stderr
     left = [line for line in out.stdout.splitlines() if not line.endswith(" deps")]
     assert left == []
+
+
+def test_workers_auto_follows_the_container_cpu_quota(image: str, env: Env) -> None:
+    """`--cpus 1` on this 2-CPU host: sched_getaffinity still says 2; the cgroup's quota says
+    one worker, so no supervisor: the sidecar is PID 1 and the only sidecar process."""
+    config, ports = env.config("auto", env.nginx_port, 'workers = "auto"')
+    secret = env.secret(config.parent / "auto-secret")
+    container = Container(
+        image,
+        ["--cpus", "1",
+         "--volume", f"{config}:/etc/mtls-sidecar/config.toml:ro",
+         "--volume", f"{secret}:/etc/mtls-sidecar/tls:ro",
+         image, "run", "-c", "/etc/mtls-sidecar/config.toml"],
+        config.with_suffix(".log"),
+    )  # fmt: skip
+    count = (
+        "import os; print(sum(b'mtls-sidecar' in open(f'/proc/{p}/cmdline', 'rb').read() "
+        "for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()))"
+    )
+    with running(container, ports.values()) as sidecar:
+        assert curl(f"http://127.0.0.1:{ports['egress']}/x").status == 200
+        processes = sidecar.exec("python3", "-c", count)
+        cpus = sidecar.exec("python3", "-c", "import os; print(len(os.sched_getaffinity(0)))")
+    assert processes.returncode == 0, processes.stderr
+    assert processes.stdout.strip() == "1"
+    line = re.search(r"workers: (\d+) \(CPU quota (\d+)/(\d+) of (\d+) CPUs\)", sidecar.log())
+    assert line is not None, sidecar.log()
+    assert line.group(1) == "1" and line.group(2) == line.group(3)
+    assert line.group(4) == cpus.stdout.strip()

@@ -255,6 +255,64 @@ def test_subject_outside_allow_subjects_gets_403_and_nothing_is_forwarded(env: E
     assert "CN=intruder.example" in sidecar.log()
 
 
+def openssl_subject(cert: Path, *nameopt: str) -> str:
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject", *nameopt, "-in", str(cert)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return out.strip().removeprefix("subject=").strip()
+
+
+def test_allow_subjects_as_openssl_prints_them_admit_the_d1_subject(env: Env) -> None:
+    """Each form an operator copies from openssl (or RFC 4514) admits the D1-shaped client,
+    whose CN holds literal '/'; the same subject for the other environment gets 403."""
+    subject = "C=FR,ST=IDF,O=Merchant SAS,OU=Payments,CN=TLSMA-ECDSA/abcdefghij/D1.PPR"
+    env.client_ca.issue(subject, client=True).write(env.dir, "d1shaped")
+    pem = env.dir / "d1shaped.pem"
+    forms = {
+        "oneline": openssl_subject(pem),
+        "compat": openssl_subject(pem, "-nameopt", "compat"),
+        "rfc4514": openssl_subject(pem, "-nameopt", "RFC2253"),
+    }
+    normalised = "CN=TLSMA-ECDSA/abcdefghij/D1.PPR,OU=Payments,O=Merchant SAS,ST=IDF,C=FR"
+    # OpenSSL 3 writes the CN's '/' as '\\/' in the compat form; OpenSSL 1.1 and people don't
+    raw = "/C=FR/ST=IDF/O=Merchant SAS/OU=Payments/CN=TLSMA-ECDSA/abcdefghij/D1.PPR"
+    assert forms == {
+        "oneline": "C = FR, ST = IDF, O = Merchant SAS, OU = Payments, "
+        "CN = TLSMA-ECDSA/abcdefghij/D1.PPR",
+        "compat": raw.replace("A/abcdefghij/", "A\\/abcdefghij\\/"),
+        "rfc4514": normalised,
+    }
+    forms["compat-unescaped"] = raw
+    forms["other-env"] = raw.replace("D1.PPR", "D1.PRD")
+    for form, entry in forms.items():
+        port = free_port()
+        conf = env.config(f"form-{form}", port, f"allow_subjects = [{json.dumps(entry)}]")
+        check = subprocess.run([SIDECAR, "check", "-c", str(conf)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout
+        compared = normalised.replace("PPR", "PRD") if form == "other-env" else normalised
+        assert f"allow_subjects[0]: {entry!r} compares the whole subject with {compared}\n" in (
+            check.stdout
+        )
+        sidecar = Sidecar(conf).start([("127.0.0.1", port)])
+        with running(sidecar):
+            before = len(env.seen())
+            r = curl(*env.mtls(port, "d1shaped"))
+            if form == "other-env":
+                assert r.status == 403, form
+                assert json.loads(r.body)["error"] == "forbidden"
+                assert len(env.seen()) == before
+                time.sleep(0.6)
+            else:
+                assert r.status == 200, form
+                assert len(env.seen()) == before + 1
+                assert headers_of(env.seen()[-1])["x-client-subject"] == [normalised]
+    refusals = [json.loads(x) for x in sidecar.log().splitlines() if "refused" in x]
+    assert [x["msg"] for x in refusals] == [
+        f"form-other-env: client subject {normalised} refused: not in allow_subjects"
+    ]
+
+
 def test_only_enabled_identity_families_are_set(env: Env) -> None:
     port = free_port()
     conf = env.config("xfcc-only", port, 'identity_headers = ["xfcc"]')

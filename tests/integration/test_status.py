@@ -157,3 +157,47 @@ def test_status_without_a_running_sidecar_says_so(env: Env) -> None:
     assert out.returncode == 2
     assert out.stderr.startswith("mtls-sidecar: error: http://127.0.0.1:")
     assert "is the sidecar running?" in out.stderr
+
+
+def test_status_answers_only_peers_in_status_from(env: Env) -> None:
+    """/status names files, issuers and key ids: only [admin] status_from may read it; the
+    probes and the scrape stay open to all. 127.0.0.2 stands for a pod on the cluster network."""
+    conf, ports = config(env, "gated")
+    conf.write_text(
+        conf.read_text().replace("[admin]\n", '[admin]\nstatus_from = ["127.0.0.1/32"]\n')
+    )
+    admin = f"http://127.0.0.1:{ports['admin']}"
+    with running(Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])):
+        stranger = {p: curl("--interface", "127.0.0.2", admin + p) for p in
+                    ("/status", "/healthz", "/readyz", "/metrics")}  # fmt: skip
+        local = curl(admin + "/status")
+    assert stranger["/status"].status == 403
+    assert json.loads(stranger["/status"].body) == {
+        "error": "forbidden",
+        "detail": "this address is not in [admin] status_from",
+    }
+    assert b"client.pem" not in stranger["/status"].body
+    assert [stranger[p].status for p in ("/healthz", "/readyz", "/metrics")] == [200, 200, 200]
+    assert b"mtls_sidecar_requests_total" in stranger["/metrics"].body
+    assert local.status == 200 and json.loads(local.body)["ready"] is True
+
+
+def test_status_from_holds_with_workers_and_status_says_why(env: Env) -> None:
+    conf, ports = config(env, "gated-workers")
+    conf.write_text(
+        conf.read_text().replace(
+            "[admin]\n", '[service]\nworkers = 2\n[admin]\nstatus_from = ["127.0.0.2"]\n'
+        )
+    )
+    admin = f"http://127.0.0.1:{ports['admin']}"
+    with running(Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])):
+        deadline = time.monotonic() + 30
+        while (ready := curl(admin + "/readyz")).status != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the workers start
+        local = curl(admin + "/status")
+        listed = curl("--interface", "127.0.0.2", admin + "/status")
+        out = status(conf)
+    assert local.status == 403 and ready.status == 200
+    assert listed.status == 200 and len(json.loads(listed.body)["workers"]) == 2
+    assert out.returncode == 2
+    assert out.stderr.endswith("/status: 403: this address is not in [admin] status_from\n")

@@ -22,7 +22,9 @@ def setup(d: Path, egress: str = "", ingress: str = "", oauth: str = "", top: st
     server_ca = make_ca("C=FR,O=Web,CN=Web Root")
     write_ca(ca, d / "client-ca.pem")
     write_ca(server_ca, d / "server-ca.pem")
-    ca.issue(PPR, client=True).write(d, "client")
+    ca.issue("C=FR,O=Thales-like,CN=Client Issuing", ca=True).issue(PPR, client=True).write(
+        d, "client"
+    )
     issuing = server_ca.issue("C=FR,O=Web,CN=Web Issuing", ca=True)
     issuing.issue("CN=localhost", dns=("localhost",), server=True).write(d, "server")
     (d / "oauth.key").write_bytes(pki.private_key_pem(pki.make_oauth_key()))

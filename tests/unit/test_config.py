@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def test_full_file_parses_every_section(folder: Path) -> None:
         authorization="keep",
     )
     (ing,) = config.ingress
-    assert ing.allow_subjects == ("CN=*.d1.example",)
+    assert [str(p) for p in ing.allow_subjects] == ["CN=*.d1.example"]
     assert ing.identity_headers == ("xfcc",)
     assert ing.upstream == Upstream("http", "127.0.0.1", 9000, "")
     assert [r.name for r in config.routes()] == ["d1-ppr", "d1-callbacks"]
@@ -268,6 +269,77 @@ def test_string_for_a_list_is_a_type_error(folder: Path) -> None:
     }
 
 
+def test_empty_allow_subjects_is_an_error_saying_to_omit_the_key(folder: Path) -> None:
+    _, findings = parse_text(folder, INGRESS + "allow_subjects = []\n")
+    assert errors(findings) == {
+        "ingress[0] (d1-callbacks).allow_subjects": "an empty list: omit the key to admit "
+        "every certificate the client CA signed, or list the subjects to admit"
+    }
+
+
+def test_an_unparsable_subject_is_an_error_naming_the_entry(folder: Path) -> None:
+    text = INGRESS + 'allow_subjects = ["CN=ok.example", "*.d1.example", "XY=1"]\n'
+    _, findings = parse_text(folder, text)
+    assert errors(findings) == {
+        "ingress[0] (d1-callbacks).allow_subjects[1]": "'*.d1.example' is not a distinguished "
+        "name: '*.d1.example': expected TYPE=value",
+        "ingress[0] (d1-callbacks).allow_subjects[2]": "'XY=1' is not a distinguished name: "
+        "unknown attribute type 'XY'; use CN, O, OU, C, ST, L, DC, UID, emailAddress, "
+        "serialNumber, ... or a dotted OID",
+    }
+
+
+def test_each_subject_form_is_reported_in_the_form_compared(folder: Path) -> None:
+    entries = ["C = FR, O = Acme, CN = TLSMA-ECDSA/*/D1.PPR", "/C=FR/O=Acme/CN=x", "CN=*.a"]
+    text = INGRESS + f"allow_subjects = {json.dumps(entries)}\n"
+    config, findings = parse_text(folder, text)
+    assert config is not None and not errors(findings)
+    info = {f.key: f.message for f in findings if f.level == "info"}
+    key = "ingress[0] (d1-callbacks).allow_subjects"
+    assert info == {
+        f"{key}[0]": f"{entries[0]!r} compares the whole subject with "
+        "CN=TLSMA-ECDSA/*/D1.PPR,O=Acme,C=FR",
+        f"{key}[1]": f"{entries[1]!r} compares the whole subject with CN=x,O=Acme,C=FR",
+        f"{key}[2]": "'CN=*.a' compares any common name of the subject with CN=*.a",
+    }
+    assert [str(p) for p in config.ingress[0].allow_subjects] == [
+        "CN=TLSMA-ECDSA/*/D1.PPR,O=Acme,C=FR",
+        "CN=x,O=Acme,C=FR",
+        "CN=*.a",
+    ]
+
+
+def test_rfc4514_written_in_openssl_order_gets_a_warning(folder: Path) -> None:
+    _, findings = parse_text(folder, INGRESS + 'allow_subjects = ["C=FR,O=Acme,CN=x"]\n')
+    (warning,) = [f for f in findings if f.level == "warning"]
+    assert warning.key == "ingress[0] (d1-callbacks).allow_subjects[0]"
+    assert "most specific first" in warning.message
+
+
+NOT_HOSTS = ["d1.example:443", "https://d1.example", "d1.example/x", "", "a..b", "-a.example",
+             "x" * 64 + ".example", "a b"]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", NOT_HOSTS)
+@pytest.mark.parametrize("section", ["egress", "ingress"])
+def test_server_name_is_a_host_name_only(folder: Path, section: str, value: str) -> None:
+    base = EGRESS if section == "egress" else INGRESS
+    route = "d1-ppr" if section == "egress" else "d1-callbacks"
+    _, findings = parse_text(folder, base + f"server_name = {json.dumps(value)}\n")
+    assert errors(findings) == {
+        f"{section}[0] ({route}).server_name": f"{value!r} is not a host name or IP address: "
+        "a host name only; the port belongs in `upstream`"
+    }
+
+
+@pytest.mark.parametrize("value", ["d1.example", "localhost", "127.0.0.1", "::1", "bücher.example"])
+def test_server_name_takes_host_names_and_addresses(folder: Path, value: str) -> None:
+    for base in (EGRESS, INGRESS):
+        config, findings = parse_text(folder, base + f"server_name = {json.dumps(value)}\n")
+        assert config is not None and not errors(findings)
+        assert config.routes()[0].server_name == value
+
+
 def test_egress_as_a_single_table_is_refused(folder: Path) -> None:
     text = EGRESS.replace("[[egress]]", "[egress]")
     _, findings = parse_text(folder, text)
@@ -300,6 +372,20 @@ def test_missing_oauth_key_is_named(folder: Path) -> None:
     text = EGRESS + "\n".join(ln for ln in OAUTH.splitlines() if "key_id" not in ln)
     _, findings = parse_text(folder, text)
     assert errors(findings) == {"egress[0] (d1-ppr).oauth.key_id": "missing (required)"}
+
+
+def test_status_from_defaults_to_loopback_and_names_a_bad_entry(folder: Path) -> None:
+    config, _ = parse_text(folder, '[admin]\nlisten = "0.0.0.0:9901"\n' + EGRESS)
+    assert config is not None and config.admin is not None
+    assert [str(n) for n in config.admin.status_from] == ["127.0.0.0/8", "::1/128"]
+    text = '[admin]\nlisten = "0.0.0.0:9901"\nstatus_from = ["10.0.0.0/8", "::1", "pod"]\n'
+    config, findings = parse_text(folder, text + EGRESS)
+    assert errors(findings) == {
+        "admin.status_from[2]": "'pod' is not an address or CIDR block: "
+        "'pod' does not appear to be an IPv4 or IPv6 network"
+    }
+    assert config is not None and config.admin is not None
+    assert [str(n) for n in config.admin.status_from] == ["10.0.0.0/8", "::1/128"]
 
 
 def test_missing_admin_listen_is_named(folder: Path) -> None:

@@ -362,9 +362,14 @@ def test_non_ascii_and_control_characters_become_utf8_hex_escapes() -> None:
         (["CN=*.d1.example", "CN=TLSMA-ECDSA/abcdefghij/D1.PRD"], True),
         (["CN=TLSMA-ECDSA/abcdefghij/D1.PRD,O=Thales,C=FR"], True),
         (["CN=TLSMA-*,O=Thales,C=FR"], True),
-        (["*,O=Thales,C=FR"], True),
-        (["*,O=Other,C=FR"], False),
-        (["O=Thales"], False),  # a full-DN glob must cover the whole DN
+        (["CN=*,O=Thales,C=FR"], True),
+        (["CN=*,O=Other,C=FR"], False),
+        (["C = FR, O = Thales, CN = TLSMA-ECDSA/*/D1.PRD"], True),
+        (["/C=FR/O=Thales/CN=TLSMA-ECDSA/abcdefghij/D1.PRD"], True),
+        (["/C=FR/O=Thales/CN=TLSMA-ECDSA/abcdefghij/D1.PPR"], False),
+        (["C=FR,O=Thales,CN=TLSMA-ECDSA/abcdefghij/D1.PRD"], False),  # RFC 4514: CN first
+        (["O=Thales"], False),  # a pattern of several types must name the whole DN
+        (["CN=*,C=FR"], False),
         ([], False),
     ],
 )
@@ -385,10 +390,11 @@ def test_cn_pattern_tries_every_common_name() -> None:
     assert not subject_matches(cert, ["CN=third"])
 
 
-def test_cn_pattern_sees_the_escaped_text() -> None:
+def test_cn_pattern_compares_the_value_not_its_escaped_text() -> None:
     cert = cert_with(name("CN=Zoë"))
     assert subject_matches(cert, ["CN=Zo\\C3\\AB"])
-    assert not subject_matches(cert, ["CN=Zoë"])
+    assert subject_matches(cert, ["CN=Zoë"])
+    assert not subject_matches(cert, ["CN=Zo\\\\C3\\\\AB"])
 
 
 # --- properties --------------------------------------------------------------------------------

@@ -173,7 +173,8 @@ def key_material(config: Path) -> None:
     folder = config.parent
     files: dict[str, bytes] = {}
     for egress in doc.get("egress", []):
-        ca = make_ca("C=FR,O=Thales-like,CN=Thales-like Client Root")
+        root = make_ca("C=FR,O=Thales-like,CN=Thales-like Client Root")
+        ca = root.issue("C=FR,O=Thales-like,CN=Thales-like Client Issuing CA", ca=True)
         gateway = egress["oauth"]["issuer"]
         client = ca.issue(f"C=FR,O=Merchant,CN=TLSMA-ECDSA/{gateway}/D1.{egress['env']}",
                           client=True)  # fmt: skip
