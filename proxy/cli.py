@@ -103,6 +103,10 @@ def _run(args: argparse.Namespace) -> int:
         from proxy.ops.health import log_findings
 
         log_findings(findings)
+    else:
+        from proxy.telemetry.logs import fields
+
+        sidecar.access_log.tag = fields({"worker": index, "pid": os.getpid()})
     accept_errors.on_error = lambda reason: sidecar.metrics.accept_errors.labels(reason).inc()
     sidecar.accept_errors = accept_errors
     raise_fd_limit()

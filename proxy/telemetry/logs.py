@@ -192,6 +192,7 @@ class AccessLog:
     def __init__(self, stream: IO[str] | None, enabled: bool) -> None:
         self.stream = stream or sys.stdout
         self.enabled = enabled
+        self.tag = ""  # members on every line, pre-encoded (a worker's index and pid)
         self._lines: list[str] = []
         self._size = 0
         try:
@@ -231,7 +232,7 @@ class AccessLog:
             f'"kind":"access",{route},"method":{q(method)},"path":{q(path)},'
             f'"status":{status},"bytes":{size},"duration_ms":{round(duration * 1000, 3)!r},'
             f'"upstream":{q(upstream)},"client":{q(client)},'
-            f'"correlation_id":{q(correlation_id)}{extra}}}\n'
+            f'"correlation_id":{q(correlation_id)}{extra}{self.tag}}}\n'
         )
 
     def flush(self) -> None:

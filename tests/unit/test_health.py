@@ -133,7 +133,7 @@ def test_an_egress_route_goes_down_at_the_moment_its_certificate_lapses(folder: 
     assert got["not_after"] == (T0 + datetime.timedelta(seconds=30)).strftime(
         "%Y-%m-%dT%H:%M:%S.000Z"
     )
-    assert not lapsing.pool.live and not reactor.tcpClients  # no new upstream connection was opened for it
+    assert not lapsing.pool.live and not reactor.tcpClients  # no new upstream connection
     steady = sidecar.routes[1].route
     assert isinstance(steady, Egress) and steady.fault is None
     assert metric(sidecar, "mtls_sidecar_route_up", route="lapsing", direction="egress") == 0.0
