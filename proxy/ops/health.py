@@ -283,16 +283,18 @@ class Health:
         """What `/readyz` answers: every listener open, every ingress route's material loaded.
         Egress certificates and tokens never flip it (upstream health, as Envoy's readiness)."""
         s = self.sidecar
-        checks = [Check("shutdown", "draining" if s.draining else None),
-                  Check("started", None if s.ready else "starting")]  # fmt: skip
+        if s.draining:  # its listeners are closing: that is the one reason
+            return [Check("shutdown", "draining")]
+        checks = [Check("shutdown"), Check("started", None if s.ready else "starting")]
         for state in s.routes:
             name = state.config.name
             port = state.port
             listening = port is not None and getattr(port, "connected", True)
-            checks.append(Check(f"listener:{name}", None if listening else "listener not open"))
+            why = None if listening else f"{name}: listener not open"
+            checks.append(Check(f"listener:{name}", why))
             if isinstance(state.config, cfg.IngressRoute):
-                loaded = state.server_tls is not None
-                checks.append(Check(f"material:{name}", None if loaded else "not loaded"))
+                why = None if state.server_tls is not None else f"{name}: material not loaded"
+                checks.append(Check(f"material:{name}", why))
         return checks
 
 
@@ -306,6 +308,6 @@ def render_checks(checks: list[Check], verbose: bool, what: str) -> tuple[int, b
                  for c in checks]  # fmt: skip
         lines.append(f"{what} check {'failed' if failed else 'passed'}")
         return code, b"text/plain; charset=utf-8", ("\n".join(lines) + "\n").encode()
-    reasons = [f"{c.name}: {c.failure}" for c in failed]
+    reasons = [c.failure for c in failed if c.failure]
     body = json.dumps({"ready": not failed, "reasons": reasons}).encode() + b"\n"
     return code, b"application/json", body

@@ -361,7 +361,7 @@ class Sidecar:
     def readiness(self) -> list[str]:
         """Why the traffic a Service sends this pod would fail now; empty when ready. Egress
         certificates and tokens never count here (see `route_readiness`)."""
-        return [f"{c.name}: {c.failure}" for c in self.health.pod_checks() if c.failure]
+        return [c.failure for c in self.health.pod_checks() if c.failure]
 
     def readiness_checks(self, route: str | None = None) -> list[health.Check] | None:
         """The checks of /readyz, or of /readyz/<route>; None for an unknown route."""

@@ -462,7 +462,7 @@ class Supervisor:
         if self.draining:
             return defer.succeed([Check("shutdown", "draining")])
         if not self.workers or not all(w.ready and not w.exited for w in self.workers):
-            return defer.succeed([Check("workers", "workers starting")])
+            return defer.succeed([Check("started", "workers starting")])
         asked = _within(self.reactor, self.workers[0].channel.call("checks", route=route), 5.0)
 
         def answered(msg: dict[str, Any]) -> list[Check] | None:
@@ -482,11 +482,13 @@ class Supervisor:
                 checks.append(Check("oauth_token", failure))
             return checks
 
-        return asked.addCallbacks(answered, lambda f: [Check("worker 0", f.getErrorMessage())])
+        return asked.addCallbacks(
+            answered, lambda f: [Check("workers", f"worker 0: {f.getErrorMessage()}")]
+        )
 
     def readiness(self) -> defer.Deferred[list[str]]:
         return self.readiness_checks().addCallback(
-            lambda checks: [f"{c.name}: {c.failure}" for c in checks or [] if c.failure]
+            lambda checks: [c.failure for c in checks or [] if c.failure]
         )
 
     def metrics_text(self) -> defer.Deferred[bytes]:

@@ -153,7 +153,7 @@ def test_a_token_outage_leaves_readyz_ready_and_takes_that_route_out(env: Env) -
     assert again.status == 200
     assert route.status == 503
     (reason,) = json.loads(route.body)["reasons"]
-    assert reason.startswith("oauth_token: no valid OAuth token (last error: "), reason
+    assert reason.startswith("no valid OAuth token (last error: "), reason
     assert verbose.status == 503
     assert verbose.body.decode().splitlines() == [
         "[+]listener ok",

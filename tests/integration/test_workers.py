@@ -399,7 +399,7 @@ def test_readiness_and_status_per_route_and_per_worker(env: Env) -> None:
     finally:
         setup.sidecar.stop()
     assert pod.status == 200  # a D1 token outage keeps the pod in its Service
-    assert out.status == 503 and "oauth_token: no valid OAuth token" in out.body.decode()
+    assert out.status == 503 and "no valid OAuth token" in out.body.decode()
     assert inbound.status == 200 and inbound.body.decode().endswith("readyz in check passed\n")
     assert unknown.status == 404
     report = json.loads(shown.stdout)
