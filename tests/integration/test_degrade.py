@@ -149,6 +149,9 @@ def test_a_lapsing_client_certificate_takes_down_its_route_only(env: Env) -> Non
         warned = logged(sidecar, "warn", "lapsing")
         assert warned and warned[0]["role"] == "client" and warned[0]["subject"]
         assert 0 < warned[0]["days_left"] < 1 and " expires in 2" in warned[0]["msg"]
+        # and what `check` warns about, as JSON lines naming the file and key
+        keys = {x.get("key") for x in lines(sidecar) if x["level"] == "warn"}
+        assert "ingress[0] (callbacks).server_cert" in keys, sidecar.log()
         assert get(ports["lapsing"]) == (200, b"ok")
         assert get(ports["steady"]) == (200, b"ok")
         assert ingress_get(env, ports["ingress"]) == 200

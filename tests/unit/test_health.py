@@ -251,3 +251,35 @@ def test_a_worker_log_line_carries_its_index_and_pid() -> None:
     text = io.StringIO()
     LineObserver(text, "text", {"worker": 2, "pid": 4242})(event)
     assert "worker=2 pid=4242 hello" in text.getvalue()
+
+
+def test_a_renewed_certificate_brings_the_route_back_at_the_reload(folder: Path) -> None:
+    sidecar, reactor = start(conf(folder))
+    reactor.advance(31)
+    lapsing = sidecar.routes[0].route
+    assert isinstance(lapsing, Egress) and lapsing.fault is not None
+    for suffix in ("pem", "key"):  # the renewed certificate, under the same file names
+        (folder / f"short.{suffix}").write_bytes((folder / f"client.{suffix}").read_bytes())
+    with capturedLogs() as events:
+        assert sidecar.reload()
+    assert sidecar.routes[0].route is lapsing and lapsing.fault is None
+    assert any("route up" in e["log_format"] for e in events)
+    assert metric(sidecar, "mtls_sidecar_route_up", route="lapsing", direction="egress") == 1.0
+
+
+def test_run_logs_checks_warnings_as_lines_naming_file_and_key(folder: Path) -> None:
+    from proxy.ops import health
+
+    path = conf(folder).read_text().replace('"127.0.0.1:18002"', '"0.0.0.0:18002"')
+    (folder / "open.toml").write_text(path)
+    findings = audit.audit(cfg.load(folder / "open.toml"))
+    with capturedLogs() as events:
+        health.log_findings(findings)
+    warned = {e["key"]: e for e in events if e["log_level"].name == "warn"}
+    # near-expiry ones are Health's own lines (with route and role): not twice
+    plain = [f for f in findings if f.level == "warning" and not f.fault]
+    assert len(warned) == len(events) == len(plain) and len(plain) < len(
+        [f for f in findings if f.level == "warning"]
+    )
+    line = warned["egress[1] (steady).listen"]
+    assert line["file"].endswith("open.toml") and "not a loopback address" in line["message"]
