@@ -15,6 +15,7 @@ runs N worker processes on those sockets, and serves no requests itself.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -210,11 +211,16 @@ class Supervisor:
 
     def _token_sources(self, config: cfg.Config) -> dict[str, glue.EgressToken]:
         out = {}
+        now = datetime.datetime.now(datetime.UTC)
         for rc in config.egress:
             if rc.oauth is not None:
-                client = tls.ClientTLS(
-                    tls.build_client_material(rc), rc.server_name or rc.upstream.host
-                )
+                material = tls.build_client_material(rc)
+                pair = material.pair
+                if pair is not None and not pair.leaf.not_valid_before_utc <= now <= (
+                    pair.leaf.not_valid_after_utc
+                ):
+                    continue  # its route is down: no token request over a lapsed certificate
+                client = tls.ClientTLS(material, rc.server_name or rc.upstream.host)
                 out[rc.name] = glue.egress_token_source(self.reactor, self.metrics, rc, client)
         return out
 

@@ -29,6 +29,7 @@ from tests.harness import (
     write_config,
     write_oauth_key,
 )
+from tests.pkifactory import Issued
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +39,7 @@ class Env:
     dir: Path
     origin: int
     upstream: Peer
+    client_ca: Issued
 
     def token_server(self, stats: Path) -> Peer:
         d = self.dir
@@ -126,7 +128,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("workers")
-    origin_pki(d)
+    _, client_ca = origin_pki(d)
     write_oauth_key(d)
     (d / "oauth.key").chmod(0o600)
     origin = free_port()
@@ -138,7 +140,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     ).start([("127.0.0.1", origin)])  # fmt: skip
     upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
     try:
-        yield Env(d, origin, upstream)
+        yield Env(d, origin, upstream, client_ca)
     finally:
         upstream.stop()
         nginx.stop()
@@ -421,6 +423,28 @@ def test_readiness_and_status_per_route_and_per_worker(env: Env) -> None:
     assert {x["pid"] for x in from_workers} == {w["pid"] for w in workers}
     access = [x for x in lines if x.get("kind") == "access"]
     assert len(access) == 2 and all(x["pid"] in {w["pid"] for w in workers} for x in access)
+
+
+def test_workers_start_with_a_lapsed_client_certificate_and_serve_the_rest(env: Env) -> None:
+    from tests.harness import CLIENT_SUBJECT
+    from tests.pkifactory import DAY, NOW
+
+    ca = env.client_ca
+    ca.issue(CLIENT_SUBJECT, client=True, not_before=NOW - 9 * DAY, not_after=NOW - DAY).write(
+        env.dir, "lapsed"
+    )
+    setup = env.config("lapsed", 2)
+    text = setup.conf.read_text().replace('"client.pem"', '"lapsed.pem"')
+    setup.conf.write_text(text.replace('"client.key"', '"lapsed.key"'))
+    setup.start()
+    try:
+        out = curl(f"http://127.0.0.1:{setup.ports['egress']}/x")
+        inbound = setup.ingress()
+        route = curl(f"http://127.0.0.1:{setup.ports['admin']}/readyz/out")
+    finally:
+        setup.sidecar.stop()
+    assert out.status == 503 and json.loads(out.body)["error"] == "client_certificate_expired"
+    assert inbound == 200 and route.status == 503
 
 
 def test_check_refuses_a_bad_worker_count(env: Env) -> None:
