@@ -62,7 +62,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     from proxy.ops import audit
 
-    problems = audit.errors(config)  # what `check` calls an error stops `run` too
+    # what `check` calls a mistake stops `run` too; a lapsed certificate takes its route down
+    findings = audit.audit(config)
+    problems = audit.mistakes(findings)
     if problems:
         for f in problems:
             print(f"mtls-sidecar: {f}", file=sys.stderr)
@@ -73,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         from proxy.ops.supervisor import run_supervisor
 
         raise_fd_limit()
-        return run_supervisor(config, inherited, environ, args.log_level)
+        return run_supervisor(config, inherited, environ, args.log_level, findings)
     notifier = Notifier(environ)
     channel = None
     if worker.is_worker(environ):
@@ -84,15 +86,27 @@ def _run(args: argparse.Namespace) -> int:
             config, admin=None, service=attrs.evolve(config.service, reload_interval=0.0)
         )
     remote = None if channel is None else worker.token_sources(channel, reactor)
-    sidecar = Sidecar(config, reactor, notifier=notifier, remote_tokens=remote)
+    index = worker.index(environ)
+    sidecar = Sidecar(config, reactor, notifier=notifier, remote_tokens=remote,
+                      announce=index in (None, 0))  # fmt: skip
     try:
         sidecar.build()
     except tls.MaterialError as e:
         print(f"mtls-sidecar: error: {config.path}: {e}", file=sys.stderr)
         return 2
     accept_errors = start_logging(
-        config.service.log_format, level=args.log_level or config.service.log_level
+        config.service.log_format,
+        level=args.log_level or config.service.log_level,
+        extra={} if index is None else {"worker": index, "pid": os.getpid()},
     )
+    if index is None:  # the supervisor logs them once for all its workers
+        from proxy.ops.health import log_findings
+
+        log_findings(findings)
+    else:
+        from proxy.telemetry.logs import fields
+
+        sidecar.access_log.tag = fields({"worker": index, "pid": os.getpid()})
     accept_errors.on_error = lambda reason: sidecar.metrics.accept_errors.labels(reason).inc()
     if config.service.workers_why and not worker.is_worker(environ):
         from twisted.logger import Logger
@@ -173,7 +187,7 @@ def _check(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from proxy.commands.status import run_status
 
-    return run_status(args.config, as_json=args.json)
+    return run_status(args.config, admin=args.admin, as_json=args.json)
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -253,12 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="what the running sidecar holds (from its admin listener)",
-        description="Ask the running sidecar's admin listener ([admin] listen in FILE) what it "
-        "holds: readiness, the certificates in use (subject, serial, not-after, SHA-256), "
-        "OAuth token state per route (never the token), the last upstream connect, and the "
+        description="Ask the running sidecar's admin listener (--admin HOST:PORT, or [admin] "
+        "listen in FILE) what it holds: readiness, each route's state and why, the last reload, "
+        "the certificates in use (subject, serial, not-after, days left, SHA-256), OAuth token "
+        "state per route (never the token), the last upstream connect, the workers, and the "
         "config in effect. Exit status: 0 ready, 1 not ready, 2 not reachable or bad config.",
     )
-    status.add_argument("-c", "--config", required=True, help="TOML config file")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", help="TOML config file (for its [admin] listen)")
+    where.add_argument(
+        "--admin", metavar="HOST:PORT", help="the admin listener; no config file is read"
+    )
     status.add_argument("--json", action="store_true", help="the status as JSON")
     status.set_defaults(func=_status)
     demo = sub.add_parser(

@@ -37,6 +37,9 @@ class Finding:
     file: str
     key: str
     message: str
+    # "time": a certificate expired or not yet valid (its route goes down, `run` starts);
+    # "expiry": a certificate near its end (the running sidecar announces it itself)
+    fault: str = ""
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.key}" if self.key else self.file

@@ -1,16 +1,18 @@
-"""Admin listener: /healthz, /readyz, /metrics (twisted.web: it is off the data path), and
-/status only to the peers in [admin] status_from (it names files, issuers and key ids)."""
+"""Admin listener: /healthz, /readyz, /readyz/<route>, /metrics (twisted.web: it is off the data
+path), and /status only to the peers in [admin] status_from (it names files, issuers, key ids)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from proxy.ops.health import Check, render_checks
 
 
 class State(Protocol):
@@ -22,6 +24,10 @@ class State(Protocol):
 
     def status(self) -> dict[str, Any]:
         """What it holds: config (secrets redacted), certificates, tokens, upstreams."""
+        ...
+
+    def readiness_checks(self, route: str | None = None) -> list[Check] | None:
+        """The checks of /readyz (route None) or /readyz/<route>; None: no such route."""
         ...
 
 
@@ -41,12 +47,31 @@ class _Ready(Resource):
         self.sidecar = state
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        reasons = self.sidecar.readiness()
-        if reasons:
-            request.setResponseCode(503)
-        return json.dumps({"ready": not reasons, "reasons": reasons}).encode() + b"\n"
+        code, kind, body = readyz_answer(self.sidecar.readiness_checks, request)
+        request.setResponseCode(code)
+        request.setHeader(b"content-type", kind)
+        return body
+
+
+def readyz_target(request: Request) -> tuple[str | None, bool]:
+    """(route or None for the pod, verbose) from /readyz[/<route>][?verbose]."""
+    parts = [p for p in request.postpath or [] if p]
+    route = parts[0].decode("utf-8", "replace") if parts else None
+    query = (request.uri or b"").partition(b"?")[2]
+    verbose = any(p.partition(b"=")[0] == b"verbose" for p in query.split(b"&"))
+    return route, verbose
+
+
+def readyz_answer(
+    checks_of: Callable[[str | None], list[Check] | None], request: Request
+) -> tuple[int, bytes, bytes]:
+    route, verbose = readyz_target(request)
+    checks = checks_of(route)
+    if checks is None:
+        body = json.dumps({"error": "unknown_route", "route": route}).encode() + b"\n"
+        return 404, b"application/json", body
+    return render_checks(checks, verbose, "readyz" if route is None else f"readyz {route}")
 
 
 class _Status(Resource):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import attrs
 from cryptography.x509.oid import NameOID
 
 from proxy import config as cfg
@@ -43,7 +44,13 @@ def findings_for(
 
 def errors(config: cfg.Config) -> list[cfg.Finding]:
     """What `run` and a reload refuse: the audit's errors (warnings stay warnings)."""
-    return [f for f in audit(config, listeners=False) if f.level == "error"]
+    return mistakes(audit(config, listeners=False))
+
+
+def mistakes(findings: list[cfg.Finding]) -> list[cfg.Finding]:
+    """The errors `run` and a reload refuse: all but faults of time (a certificate expired or
+    not yet valid takes its own route down; the others serve)."""
+    return [f for f in findings if f.level == "error" and f.fault != "time"]
 
 
 def audit(
@@ -73,6 +80,10 @@ def audit(
             add("warning", key, f"{path}: {role} certificate {subject} expires in {left:.0f} days")
         else:
             add("info", key, f"{path}: {role} certificate {subject}, {left:.0f} days left")
+        if left < 0 or now < leaf.not_valid_before_utc:  # that route goes down, not `run`
+            findings[-1] = attrs.evolve(findings[-1], fault="time")
+        elif left < warn_days:
+            findings[-1] = attrs.evolve(findings[-1], fault="expiry")
 
     def guarded(key: str, fn: Callable[[], None]) -> None:
         try:

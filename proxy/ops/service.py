@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from proxy import config as cfg
-from proxy.ops import audit
+from proxy.ops import audit, health
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
@@ -170,6 +171,13 @@ RESTART_KEYS = {
 }
 
 
+def restart_only_keys(supervised: bool = False) -> list[str]:
+    """The keys a reload leaves at their running value. A supervisor applies a new `workers`
+    at reload (a new generation of that size); a single process needs a restart for it."""
+    keys = ["admin.listen", *RESTART_KEYS]
+    return [k for k in keys if not (supervised and k == "service.workers")]
+
+
 def _restart_keys(running: cfg.Config, new: cfg.Config) -> list[str]:
     old, now = running.admin, new.admin
     keys = ["admin.listen"] if (old and old.listen) != (now and now.listen) else []
@@ -200,6 +208,8 @@ class Sidecar:
         access_log: AccessLog | None = None,
         notifier: Any = None,
         remote_tokens: Any = None,  # a worker: route name -> token source held by the supervisor
+        announce: bool = True,  # log expiry warnings and findings (one worker of N does)
+        wall: Callable[[], float] = time.time,  # certificates' validity is judged by it
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -223,6 +233,9 @@ class Sidecar:
         self._stopping: defer.Deferred[None] | None = None
         self.accept_errors: AcceptErrors | None = None  # set when logging starts
         self.last_connect: dict[str, dict[str, Any]] = {}  # route -> last upstream connect
+        self.last_reload: dict[str, Any] | None = None  # time, result, error
+        self.started_at = reactor.seconds()
+        self.health = health.Health(self, _token_state, announce=announce, wall=wall)
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
@@ -242,6 +255,8 @@ class Sidecar:
     def _pool(self, name: str, up: cfg.Upstream, client_tls: tls.ClientTLS | None,
               r: cfg.EgressRoute | cfg.IngressRoute) -> Pool:  # fmt: skip
         handshakes = self.metrics.handshake_errors
+        self.metrics.known_labels(name, r.direction, isinstance(r, cfg.EgressRoute) and
+                                  r.oauth is not None)  # fmt: skip
         pool = Pool(
             reactor=self.reactor,
             clock=self.reactor,
@@ -347,47 +362,42 @@ class Sidecar:
 
     # ---- what the admin listener and `status` show
     def readiness(self) -> list[str]:
-        """Why new traffic would fail now; empty when ready."""
-        if self.draining:
-            return ["draining"]
-        if not self.ready:
-            return ["starting"]
-        reasons = []
-        now = self.reactor.seconds()
+        """Why the traffic a Service sends this pod would fail now; empty when ready. Egress
+        certificates and tokens never count here (see `route_readiness`)."""
+        return [c.failure for c in self.health.pod_checks() if c.failure]
+
+    def readiness_checks(self, route: str | None = None) -> list[health.Check] | None:
+        """The checks of /readyz, or of /readyz/<route>; None for an unknown route."""
+        if route is None:
+            return self.health.pod_checks()
         for state in self.routes:
-            if state.port is None or not getattr(state.port, "connected", True):
-                reasons.append(f"{state.config.name}: listener not open")
-            token = _token_state(state.route)
-            if token is not None and not (token.get("valid_until") or 0) > now:
-                error = token.get("last_error")
-                reasons.append(
-                    f"{state.config.name}: no valid OAuth token"
-                    + (f" (last error: {error})" if error else " yet")
-                )
-        return reasons
+            if state.config.name == route:
+                return self.health.route_checks(state)
+        return None
 
     def status(self) -> dict[str, Any]:
+        now = self.reactor.seconds()
+        moment = self.health.now()
         routes = []
         for state in self.routes:
             c = state.config
-            certs = []
-            if isinstance(c, cfg.EgressRoute) and state.client_tls is not None:
-                pair = state.client_tls.material.pair
-                if pair is not None:
-                    certs.append(("client", c.client_cert, pair.leaf))
-            if state.server_tls is not None:
-                m = state.server_tls.material
-                certs.append(("server", c.server_cert, m.pair.leaf))  # type: ignore[union-attr]
-                certs += [("client_ca", c.client_ca, ca) for ca in m.client_cas]  # type: ignore[union-attr]
+            reasons = self.health.route_reasons(state)
             token = _token_state(state.route)
             routes.append(
                 {
                     "name": c.name,
                     "direction": c.direction,
+                    "state": "down" if reasons else "up",
+                    "reasons": reasons,
                     "listening": state.port is not None,
                     "certificates": [
-                        {"role": role, "file": str(path), **_cert_facts(cert)}
-                        for role, path, cert in certs
+                        {
+                            "role": h.role,
+                            "file": h.file,
+                            **_cert_facts(h.cert),
+                            "days_left": round(pki.days_left(h.cert, moment), 2),
+                        }
+                        for h in health.held(state)
                     ],
                     "oauth": None
                     if token is None
@@ -398,10 +408,15 @@ class Sidecar:
                     "last_upstream_connect": self.last_connect.get(c.name),
                 }
             )
+        reasons = self.readiness()
         return {
-            "ready": not self.readiness(),
-            "reasons": self.readiness(),
+            "ready": not reasons,
+            "reasons": reasons,
+            "started": rfc3339(self.started_at),
+            "uptime_seconds": round(now - self.started_at, 3),
+            "last_reload": self.last_reload,
             "routes": routes,
+            "restart_keys": restart_only_keys(),
             "config": _redacted(attrs.asdict(self.config)),
         }
 
@@ -423,11 +438,9 @@ class Sidecar:
                 raise tls.MaterialError(
                     f"admin.listen {where}: cannot listen: {e.socketError or e}"
                 ) from None
-        # tokens are fetched once every listener is open: a listen failure comes first
-        for state in self.routes:
-            source = getattr(state.route, "token_source", None)
-            if source is not None:
-                source.source.start()
+        # tokens are fetched once every listener is open (a listen failure comes first), and
+        # only for routes whose certificate is valid now
+        self.health.start()
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = self.reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)
@@ -568,7 +581,8 @@ class Sidecar:
                 raise _Refused(_findings_text(e.findings)) from None
             self._attempted = [p for rc in config.routes() for p in key_material_paths(rc)]
             seen.update((str(p), _file_state(p)) for p in self._attempted)
-            problems = audit.errors(config)  # what `check` calls an error is not swapped in
+            findings = audit.audit(config)
+            problems = audit.mistakes(findings)  # what `check` calls a mistake is not swapped in
             if problems:
                 raise _Refused(_findings_text(problems))
             plan = self._prepare(config)
@@ -584,6 +598,8 @@ class Sidecar:
             else:
                 reason = f"{path}: unexpected {type(e).__name__}: {e}"
             self.metrics.reloads.labels("failure").inc()
+            self.last_reload = {"time": rfc3339(self.reactor.seconds()), "result": "failure",
+                                "error": reason}  # fmt: skip
             self.log.error(
                 "reload failed, keeping the current key material and config: {reason}",
                 reason=reason,
@@ -594,6 +610,10 @@ class Sidecar:
         self._attempted = []
         self._seen = seen
         self._commit(plan)
+        self.last_reload = {"time": rfc3339(self.reactor.seconds()), "result": "success",
+                            "error": None}  # fmt: skip
+        if self.health.announce:
+            health.log_findings(findings)
         if self.notifier is not None:
             self.notifier.ready("reloaded")
         return True
@@ -718,9 +738,10 @@ class Sidecar:
         for prev in before:
             if id(prev) not in kept:
                 self._retire(prev)
+        self.health.reloaded()  # routes whose certificate lapsed go down before any token fetch
         for state in self.routes:
             glue = getattr(state.route, "token_source", None)
-            if glue is None:
+            if glue is None or getattr(state.route, "fault", None) is not None:
                 continue
             if id(glue) in running_sources:  # a fixed cause heals at once: no backoff wait
                 glue.source.reset_backoff()
@@ -821,18 +842,7 @@ class Sidecar:
             pools.remove(pool)
 
     def _record_expiry(self) -> None:
-        gauge = self.metrics.certificate_expiry
-        for state in self.routes:
-            name = state.config.name
-            pair = state.client_tls.material.pair if state.client_tls is not None else None
-            if pair is not None and isinstance(state.config, cfg.EgressRoute):
-                leaf = pair.leaf
-                gauge.labels(name, "client").set(leaf.not_valid_after_utc.timestamp())
-            if state.server_tls is not None:
-                m = state.server_tls.material
-                gauge.labels(name, "server").set(m.pair.leaf.not_valid_after_utc.timestamp())
-                for ca in m.client_cas[:1]:
-                    gauge.labels(name, "client_ca").set(ca.not_valid_after_utc.timestamp())
+        self.health.record()
 
     # ---- stop
     def stop(self) -> defer.Deferred[None]:
@@ -840,6 +850,7 @@ class Sidecar:
         if self._stopping is not None:
             return self._stopping
         self.draining = True
+        self.health.stop()
         if self.notifier is not None:
             self.notifier.stopping()
         self.log.info("draining (up to {t}s)", t=self.config.service.drain_timeout)
@@ -877,7 +888,9 @@ def _token_state(route: Route) -> dict[str, Any] | None:
 
 def _cert_facts(cert: Any) -> dict[str, str]:
     facts = pki.describe(cert)
-    return {k: facts[k] for k in ("subject", "serial", "not_after", "sha256")}
+    out = {k: facts[k] for k in ("subject", "serial", "sha256")}
+    out["not_after"] = rfc3339(cert.not_valid_after_utc.timestamp())
+    return out
 
 
 _SECRET_KEY = re.compile(r"(?i)secret|password|token$|credential")

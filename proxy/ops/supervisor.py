@@ -15,6 +15,7 @@ runs N worker processes on those sockets, and serves no requests itself.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -37,10 +38,12 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from proxy import config as cfg
 from proxy.oauth import glue
 from proxy.ops import audit
-from proxy.ops.admin import PeerGate
+from proxy.ops.admin import PeerGate, readyz_answer, readyz_target
 from proxy.ops.channel import Channel, ChannelFactory
-from proxy.ops.service import _signature, adopted_key, key_material_paths
+from proxy.ops.health import Check, log_findings
+from proxy.ops.service import _signature, adopted_key, key_material_paths, restart_only_keys
 from proxy.ops.worker import CHANNEL_FD_ENV, LISTEN_FDS_ENV, WORKER_ENV
+from proxy.telemetry.logs import rfc3339
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
 
@@ -87,10 +90,12 @@ class Worker:
     exited: bool = False
     became_ready: defer.Deferred[None] = attrs.field(factory=defer.Deferred)
     ended: defer.Deferred[int] = attrs.field(factory=defer.Deferred)
+    started: float = 0.0
+    os_pid: int | None = None  # kept after exit: Twisted forgets a reaped process's pid
 
     @property
     def pid(self) -> int | None:
-        return getattr(self.process, "pid", None)
+        return self.os_pid if self.os_pid is not None else getattr(self.process, "pid", None)
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -138,6 +143,8 @@ class Supervisor:
         self.draining = False
         self.reloading = False
         self.watched: tuple[Any, ...] = ()
+        self.started_at = reactor.seconds()
+        self.last_reload: dict[str, Any] | None = None
         self.watcher: task.LoopingCall | None = None
 
     # ---- start
@@ -204,11 +211,16 @@ class Supervisor:
 
     def _token_sources(self, config: cfg.Config) -> dict[str, glue.EgressToken]:
         out = {}
+        now = datetime.datetime.now(datetime.UTC)
         for rc in config.egress:
             if rc.oauth is not None:
-                client = tls.ClientTLS(
-                    tls.build_client_material(rc), rc.server_name or rc.upstream.host
-                )
+                material = tls.build_client_material(rc)
+                pair = material.pair
+                if pair is not None and not pair.leaf.not_valid_before_utc <= now <= (
+                    pair.leaf.not_valid_after_utc
+                ):
+                    continue  # its route is down: no token request over a lapsed certificate
+                client = tls.ClientTLS(material, rc.server_name or rc.upstream.host)
                 out[rc.name] = glue.egress_token_source(self.reactor, self.metrics, rc, client)
         return out
 
@@ -248,7 +260,7 @@ class Supervisor:
 
     def _spawn(self, config: cfg.Config, index: int, generation: int) -> Worker:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        worker = Worker(index, generation, Channel({}))
+        worker = Worker(index, generation, Channel({}), started=self.reactor.seconds())
         worker.channel.handlers = {
             "ready": lambda msg: self._worker_ready(worker),
             "token": lambda msg: self._token(msg),
@@ -267,6 +279,7 @@ class Supervisor:
         worker.process = self.reactor.spawnProcess(
             _WorkerProcess(self, worker), sys.executable, args, env=env, childFDs=child_fds
         )
+        worker.os_pid = getattr(worker.process, "pid", None)
         child.close()
         self.reactor.adoptStreamConnection(parent.fileno(), socket.AF_UNIX,
                                            ChannelFactory(worker.channel))  # fmt: skip
@@ -379,7 +392,8 @@ class Supervisor:
             self.notifier.reloading()
         try:
             config = cfg.load(self.config.path)
-            problems = audit.errors(config)
+            findings = audit.audit(config)
+            problems = audit.mistakes(findings)
             if problems:
                 raise tls.MaterialError(f"{problems[0].key}: {problems[0].message}")
             if config.service.workers != self.config.service.workers:
@@ -400,7 +414,10 @@ class Supervisor:
                 source.source.start()
             self._close_listeners(sorted(old_keys - new_keys))
             self.metrics.reloads.labels("success").inc()
+            self.last_reload = {"time": rfc3339(self.reactor.seconds()), "result": "success",
+                                "error": None}  # fmt: skip
             self.log.info("reloaded: generation {g} serving", g=self.generation)
+            log_findings(findings)
             if self.notifier is not None:
                 self.notifier.ready("reloaded")
             return True
@@ -413,6 +430,8 @@ class Supervisor:
 
     def _reload_failed(self, why: str) -> bool:
         self.metrics.reloads.labels("failure").inc()
+        self.last_reload = {"time": rfc3339(self.reactor.seconds()), "result": "failure",
+                            "error": why}  # fmt: skip
         self.log.error("reload failed, the current generation keeps serving: {why}", why=why)
         if self.notifier is not None:
             self.notifier.ready(f"reload failed: {why}")
@@ -443,22 +462,40 @@ class Supervisor:
             lambda results: bool(results) and all(ok for ok, _ in results)
         )
 
-    def readiness(self) -> defer.Deferred[list[str]]:
+    def readiness_checks(self, route: str | None = None) -> defer.Deferred[list[Check] | None]:
+        """/readyz: the workers listen (asked of worker 0: they share the sockets); the OAuth
+        tokens are the supervisor's, so /readyz/<route> takes their state from here."""
         if self.draining:
-            return defer.succeed(["draining"])
+            return defer.succeed([Check("shutdown", "draining")])
         if not self.workers or not all(w.ready and not w.exited for w in self.workers):
-            return defer.succeed(["workers starting"])
-        own = []
-        now = self.reactor.seconds()
-        for name, source in self.tokens.items():
-            state = source.source.state()
-            if not (state["valid_until"] or 0) > now:
-                error = state["last_error"]
-                own.append(f"{name}: no valid OAuth token"
-                           + (f" (last error: {error})" if error else " yet"))  # fmt: skip
-        asked = _within(self.reactor, self.workers[0].channel.call("readiness"), 5.0)
-        return asked.addCallbacks(lambda ok: list(ok.get("reasons", [])) + own,
-                                  lambda f: [f"worker 0: {f.getErrorMessage()}", *own])  # fmt: skip
+            return defer.succeed([Check("started", "workers starting")])
+        asked = _within(self.reactor, self.workers[0].channel.call("checks", route=route), 5.0)
+
+        def answered(msg: dict[str, Any]) -> list[Check] | None:
+            if msg.get("unknown"):
+                return None
+            checks = [Check(name, failure) for name, failure in msg.get("checks", [])]
+            source = self.tokens.get(route or "")
+            if route is not None and source is not None:
+                state = source.source.state()
+                failure = None
+                if not (state["valid_until"] or 0) > self.reactor.seconds():
+                    error = state["last_error"]
+                    failure = "no valid OAuth token" + (
+                        f" (last error: {error})" if error else " yet"
+                    )
+                checks = [c for c in checks if c.name != "oauth_token"]
+                checks.append(Check("oauth_token", failure))
+            return checks
+
+        return asked.addCallbacks(
+            answered, lambda f: [Check("workers", f"worker 0: {f.getErrorMessage()}")]
+        )
+
+    def readiness(self) -> defer.Deferred[list[str]]:
+        return self.readiness_checks().addCallback(
+            lambda checks: [c.failure for c in checks or [] if c.failure]
+        )
 
     def metrics_text(self) -> defer.Deferred[bytes]:
         asks = [_within(self.reactor, w.channel.call("metrics"), 5.0) for w in self.workers]
@@ -481,19 +518,40 @@ class Supervisor:
         else:
             asked = defer.succeed({"routes": [], "error": "no worker ready"})
 
-        def add(report: dict[str, Any]) -> dict[str, Any]:
+        stats = [_within(self.reactor, w.channel.call("stats"), 5.0) for w in self.workers]
+        counted = defer.DeferredList(stats, consumeErrors=True)
+
+        def add(report: dict[str, Any], counts: list[tuple[bool, Any]]) -> dict[str, Any]:
+            now = self.reactor.seconds()
             for route in report.get("routes", []):
                 source = self.tokens.get(route["name"])
                 if source is not None:
-                    route["oauth"] = source.source.state()
+                    route["oauth"] = _token_view(source.source.state())
+                    if route["oauth"]["valid_until"] is None:
+                        why = "no valid OAuth token"
+                        route["reasons"] = [*route.get("reasons", []), why]
+                        route["state"] = "down"
             report["workers"] = [
                 {"index": w.index, "pid": w.pid, "generation": w.generation, "ready": w.ready,
-                 "resident_bytes": _rss_bytes(w.pid)}
-                for w in self.workers
+                 "started": rfc3339(w.started), "uptime_seconds": round(now - w.started, 3),
+                 "resident_bytes": _rss_bytes(w.pid),
+                 "requests": got.get("requests") if ok else None}
+                for w, (ok, got) in zip(self.workers, counts, strict=True)
             ]  # fmt: skip
+            report["started"] = rfc3339(self.started_at)
+            report["uptime_seconds"] = round(now - self.started_at, 3)
+            report["last_reload"] = self.last_reload
+            report["restart_keys"] = restart_only_keys(supervised=True)
             return report
 
-        return asked.addCallback(add)
+        both = defer.gatherResults([asked, counted])
+        return both.addCallback(lambda results: add(results[0], results[1]))
+
+
+def _token_view(state: Any) -> dict[str, Any]:
+    """A token source's state with RFC 3339 times."""
+    times = ("valid_until", "last_fetch")
+    return {k: (rfc3339(float(v)) if k in times and v else v) for k, v in dict(state).items()}
 
 
 def _restarts_counter(metrics: Metrics) -> Any:
@@ -560,9 +618,10 @@ def _escape(value: str) -> str:
 class _Async(Resource):
     isLeaf = True
 
-    def __init__(self, answer: Any) -> None:
+    def __init__(self, answer: Any, with_request: bool = False) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.answer = answer
+        self.with_request = with_request
 
     def render_GET(self, request: Request) -> Any:
         def done(result: tuple[int, bytes, bytes]) -> None:
@@ -578,18 +637,16 @@ class _Async(Resource):
             request.write(json.dumps({"error": f.getErrorMessage()}).encode())
             request.finish()
 
-        defer.maybeDeferred(self.answer).addCallbacks(done, failed)
+        args = (request,) if self.with_request else ()
+        defer.maybeDeferred(self.answer, *args).addCallbacks(done, failed)
         return NOT_DONE_YET
 
 
 def _admin_site(sup: Supervisor) -> Site:
-    def ready() -> defer.Deferred[tuple[int, bytes, bytes]]:
-        return sup.readiness().addCallback(
-            lambda reasons: (
-                503 if reasons else 200,
-                b"application/json",
-                json.dumps({"ready": not reasons, "reasons": reasons}).encode() + b"\n",
-            )
+    def ready(request: Request) -> defer.Deferred[tuple[int, bytes, bytes]]:
+        route, _ = readyz_target(request)
+        return sup.readiness_checks(route).addCallback(
+            lambda checks: readyz_answer(lambda _: checks, request)
         )
 
     def metrics() -> defer.Deferred[tuple[int, bytes, bytes]]:
@@ -604,7 +661,7 @@ def _admin_site(sup: Supervisor) -> Site:
 
     root = Resource()
     root.putChild(b"healthz", _Async(lambda: (200, b"text/plain", b"ok\n")))  # type: ignore[no-untyped-call]
-    root.putChild(b"readyz", _Async(ready))  # type: ignore[no-untyped-call]
+    root.putChild(b"readyz", _Async(ready, with_request=True))  # type: ignore[no-untyped-call]
     root.putChild(b"metrics", _Async(metrics))  # type: ignore[no-untyped-call]
     status_from = sup.config.admin.status_from if sup.config.admin else ()
     root.putChild(b"status", PeerGate(_Async(status), status_from))
@@ -633,7 +690,8 @@ def install_supervisor_signals(reactor: Any, sup: Supervisor, done: Any) -> None
 
 
 def run_supervisor(config: cfg.Config, inherited: Mapping[str, list[int]],
-                   environ: Mapping[str, str], log_level: str | None) -> int:  # fmt: skip
+                   environ: Mapping[str, str], log_level: str | None,
+                   findings: list[cfg.Finding] | None = None) -> int:  # fmt: skip
     from twisted.internet import reactor
 
     from proxy.ops.systemd import Notifier, watchdog_interval
@@ -647,6 +705,7 @@ def run_supervisor(config: cfg.Config, inherited: Mapping[str, list[int]],
         Supervisor.log.info(
             "workers: {n} ({why})", n=config.service.workers, why=config.service.workers_why
         )
+    log_findings(findings or [])
 
     def stopped() -> None:
         reactor.stop()  # type: ignore[attr-defined]

@@ -25,6 +25,16 @@ def is_worker(environ: Mapping[str, str]) -> bool:
     return CHANNEL_FD_ENV in environ
 
 
+def index(environ: Mapping[str, str]) -> int | None:
+    """This worker's index under its supervisor; None when not a worker."""
+    if not is_worker(environ):
+        return None
+    try:
+        return int(environ.get(WORKER_ENV, "0"))
+    except ValueError:
+        return 0
+
+
 def passed_listeners(environ: Mapping[str, str]) -> dict[str, list[int]]:
     """The sockets the supervisor passed: listen key -> [fd] (``key=fd;key=fd``)."""
     out: dict[str, list[int]] = {}
@@ -144,6 +154,10 @@ def serve(channel: Channel, sidecar: Any, orphaned: Any) -> None:
         "ping": lambda msg: {},
         "metrics": lambda msg: {"text": generate_latest(sidecar.metrics.registry).decode()},
         "readiness": lambda msg: {"reasons": sidecar.readiness()},
+        "checks": lambda msg: _checks(sidecar, msg.get("route")),
+        "stats": lambda msg: {
+            "requests": sum(sum(r.codes.values()) for r in sidecar.metrics.routes)
+        },
         "status": lambda msg: sidecar.status(),
     }
     channel.handlers.update(handlers)
@@ -151,5 +165,12 @@ def serve(channel: Channel, sidecar: Any, orphaned: Any) -> None:
     channel.notify("ready", pid=os.getpid())
 
 
-__all__ = ["Handler", "RemoteToken", "connect", "is_worker", "passed_listeners", "serve",
-           "token_sources"]  # fmt: skip
+def _checks(sidecar: Any, route: str | None) -> dict[str, Any]:
+    checks = sidecar.readiness_checks(route)
+    if checks is None:
+        return {"unknown": True, "checks": []}
+    return {"checks": [[c.name, c.failure] for c in checks]}
+
+
+__all__ = ["Handler", "RemoteToken", "connect", "index", "is_worker", "passed_listeners",
+           "serve", "token_sources"]  # fmt: skip

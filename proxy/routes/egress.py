@@ -48,6 +48,7 @@ class Egress(Route):
         self.upstream_host = up.host.lower()
         self.upstream_port = up.port
         self.token_source = token_source
+        self.fault: ProxyError | None = None  # set while a lapsed certificate holds it down
         self.replace_authorization = config.oauth is not None and (
             config.oauth.authorization == "replace"
         )
@@ -59,6 +60,8 @@ class Egress(Route):
     def prepare(
         self, head: RequestHead, down: Downstream
     ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        if self.fault is not None:
+            raise self.fault
         target = head.target
         if not target.startswith(b"/"):
             target = self._absolute_form(target)
@@ -109,7 +112,13 @@ class Egress(Route):
         if not self.replace_authorization and ex.head.get(b"authorization") is not None:
             return None
         headers: defer.Deferred[list[tuple[bytes, bytes]]] = source.headers()
-        return headers
+        return headers.addCallback(self._still_up)
+
+    def _still_up(self, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The certificate may have lapsed while the token was awaited."""
+        if self.fault is not None:
+            raise self.fault
+        return extra
 
     def finished(self, ex: Exchange, down: Downstream) -> None:
         if ex.status == 401 and self.token_source is not None and ex.extra:

@@ -60,12 +60,19 @@ class _DropNoise:
         return PredicateResult.maybe
 
 
+# event fields that become JSON members of a log line
+_FIELDS = ("route", "reason", "file", "result", "key", "role", "subject", "days_left",
+           "not_after")  # fmt: skip
+
+
 @implementer(ILogObserver)
 class LineObserver:
     """One line per event: JSON ({"time","level","msg",...fields}) or plain text."""
 
-    def __init__(self, stream: IO[str], fmt: str) -> None:
+    def __init__(self, stream: IO[str], fmt: str, extra: dict[str, Any] | None = None) -> None:
         self.stream, self.fmt = stream, fmt
+        self.extra = extra or {}  # on every line: a worker's index and pid
+        self.tag = "".join(f" {k}={v}" for k, v in self.extra.items())
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level", LogLevel.info)
@@ -80,12 +87,13 @@ class LineObserver:
                 "logger": event.get("log_namespace", ""),
                 "msg": text,
             }
-            for key in ("route", "reason", "file", "result"):
+            for key in _FIELDS:
                 if key in event and isinstance(event[key], str | int | float):
                     record[key] = event[key]
+            record.update(self.extra)
             line = json.dumps(record, ensure_ascii=True)
         else:
-            line = f"{rfc3339(event.get('log_time', 0.0))} {level.name.upper():5} {text}"
+            line = f"{rfc3339(event.get('log_time', 0.0))} {level.name.upper():5}{self.tag} {text}"
         self.stream.write(line + "\n")
         self.stream.flush()
 
@@ -145,12 +153,15 @@ class AcceptErrors:
 
 
 def start_logging(
-    fmt: str, stream: IO[str] | None = None, level: LogLevel | str = LogLevel.info
+    fmt: str,
+    stream: IO[str] | None = None,
+    level: LogLevel | str = LogLevel.info,
+    extra: dict[str, Any] | None = None,
 ) -> AcceptErrors:
     if isinstance(level, str):
         level = LogLevel.levelWithName(level)
     observer = FilteringLogObserver(
-        LineObserver(stream or sys.stdout, fmt),
+        LineObserver(stream or sys.stdout, fmt, extra),
         [LogLevelFilterPredicate(defaultLogLevel=level), _DropNoise()],
     )
     accept_errors = AcceptErrors(observer)
@@ -181,6 +192,7 @@ class AccessLog:
     def __init__(self, stream: IO[str] | None, enabled: bool) -> None:
         self.stream = stream or sys.stdout
         self.enabled = enabled
+        self.tag = ""  # members on every line, pre-encoded (a worker's index and pid)
         self._lines: list[str] = []
         self._size = 0
         try:
@@ -220,7 +232,7 @@ class AccessLog:
             f'"kind":"access",{route},"method":{q(method)},"path":{q(path)},'
             f'"status":{status},"bytes":{size},"duration_ms":{round(duration * 1000, 3)!r},'
             f'"upstream":{q(upstream)},"client":{q(client)},'
-            f'"correlation_id":{q(correlation_id)}{extra}}}\n'
+            f'"correlation_id":{q(correlation_id)}{extra}{self.tag}}}\n'
         )
 
     def flush(self) -> None:

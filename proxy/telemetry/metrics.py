@@ -10,6 +10,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+# label values known in advance: exported at 0 from the first scrape, so increase() sees a first one
+RELOAD_RESULTS = ("success", "failure")
+ACCEPT_ERROR_REASONS = ("emfile", "enfile", "enobufs", "enomem")
+INGRESS_HANDSHAKE_REASONS = (
+    "certificate_expired", "certificate_not_yet_valid", "certificate_untrusted",
+    "no_client_certificate", "protocol_version", "no_shared_cipher", "handshake_timeout",
+    "handshake_failed",
+)  # fmt: skip
+EGRESS_HANDSHAKE_REASONS = (
+    "certificate_expired", "certificate_not_yet_valid", "hostname_mismatch",
+    "certificate_untrusted", "protocol_version", "timeout", "peer_closed", "handshake_failed",
+)  # fmt: skip
+
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -83,6 +96,19 @@ class _PoolCollector(Collector):
         yield family
 
 
+class _BeforeCollect(Collector):
+    """Registered first: brings gauges read from state (route_up, certificate expiry) up to
+    date when a scrape begins. Yields nothing itself."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Callable[[], None]] = []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for hook in self.hooks:
+            hook()
+        return iter(())
+
+
 @attrs.define
 class Metrics:
     registry: CollectorRegistry
@@ -98,8 +124,19 @@ class Metrics:
     oauth_token_expiry: Gauge
     accept_errors: Counter
     connections_refused: Counter
+    route_up: Gauge
 
     pools: _PoolCollector = attrs.field(factory=_PoolCollector)
+    before_collect: list[Callable[[], None]] = attrs.field(factory=list)
+
+    def known_labels(self, route: str, direction: str, oauth: bool) -> None:
+        """A route's counters with known label values, at 0 until the first one happens."""
+        reasons = EGRESS_HANDSHAKE_REASONS if direction == "egress" else INGRESS_HANDSHAKE_REASONS
+        for reason in reasons:
+            self.handshake_errors.labels(route, reason)
+        if oauth:
+            self.oauth_token_failures.labels(route)
+            self.oauth_token_fetches.labels(route)
 
     def watch_pool(self, route: str, states: Callable[[], dict[str, int]]) -> None:
         self.pools.pools.append((route, states))
@@ -114,11 +151,14 @@ class Metrics:
         r = registry if registry is not None else CollectorRegistry()
         p = "mtls_sidecar_"
         routes: list[RouteStats] = []
+        hooks = _BeforeCollect()
+        r.register(hooks)
         r.register(_RequestCollector(routes))
         pools = _PoolCollector()
         r.register(pools)
-        return cls(
+        metrics = cls(
             pools=pools,
+            before_collect=hooks.hooks,
             registry=r,
             routes=routes,
             handshake_errors=Counter(
@@ -129,7 +169,8 @@ class Metrics:
             ),
             certificate_expiry=Gauge(
                 p + "certificate_expiry_timestamp_seconds",
-                "notAfter of the certificate in use, Unix time.",
+                "notAfter of each certificate in use, Unix time; role: client, server, their"
+                " chains' next certificates client_chain_N / server_chain_N, client_ca[_N].",
                 ["route", "role"],
                 registry=r,
             ),
@@ -181,4 +222,16 @@ class Metrics:
                 ["route", "reason"],
                 registry=r,
             ),
+            route_up=Gauge(
+                p + "route_up",
+                "1 when the route can serve (listener open, certificates valid now, a token for"
+                " OAuth egress), else 0; /status says why.",
+                ["route", "direction"],
+                registry=r,
+            ),
         )
+        for result in RELOAD_RESULTS:
+            metrics.reloads.labels(result)
+        for reason in ACCEPT_ERROR_REASONS:
+            metrics.accept_errors.labels(reason)
+        return metrics

@@ -59,6 +59,7 @@ class ProxyError(Exception):
     status: int
     code: str
     detail: str
+    fields: tuple[tuple[str, str], ...] = ()  # more members of the JSON body (e.g. not_after)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.detail}"
@@ -66,7 +67,8 @@ class ProxyError(Exception):
 
 def error_body(err: ProxyError, route: str) -> bytes:
     return json.dumps(
-        {"error": err.code, "detail": err.detail, "route": route}, ensure_ascii=True
+        {"error": err.code, "detail": err.detail, "route": route, **dict(err.fields)},
+        ensure_ascii=True,
     ).encode()
 
 

@@ -119,7 +119,9 @@ def test_status_shows_certificates_last_connect_and_config(env: Env) -> None:
     assert f"serial {client.serial_number:x}" in text.stdout
 
 
-def test_readyz_is_503_naming_an_oauth_route_without_a_token(env: Env) -> None:
+def test_a_token_outage_leaves_readyz_ready_and_takes_that_route_out(env: Env) -> None:
+    """A pod's readiness routes D1's callbacks to it: no D1 token must not pull it out of the
+    Service. The route's own readiness tells an app to wait."""
     dead = free_port()
     oauth = f"""
         [egress.oauth]
@@ -130,8 +132,9 @@ def test_readyz_is_503_naming_an_oauth_route_without_a_token(env: Env) -> None:
     """
     conf, ports = config(env, "notoken", oauth)
     sidecar = Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])
+    admin = f"http://127.0.0.1:{ports['admin']}"
     with running(sidecar):
-        ready = curl(f"http://127.0.0.1:{ports['admin']}/readyz")
+        ready = curl(f"{admin}/readyz")
         deadline = time.monotonic() + 10
         while True:  # the first fetch fails within the connect timeout; then the error shows
             out = status(conf, "--json")
@@ -139,16 +142,68 @@ def test_readyz_is_503_naming_an_oauth_route_without_a_token(env: Env) -> None:
             if routes["d1"]["oauth"]["last_error"] or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        again = curl(f"http://127.0.0.1:{ports['admin']}/readyz")
-    assert ready.status == 503
-    body = json.loads(ready.body)
-    assert body["ready"] is False
-    (reason,) = body["reasons"]
-    assert reason.startswith("d1: no valid OAuth token")
-    assert out.returncode == 1
+        again = curl(f"{admin}/readyz")
+        route = curl(f"{admin}/readyz/d1")
+        verbose = curl(f"{admin}/readyz/d1?verbose")
+        callbacks = curl(f"{admin}/readyz/callbacks")
+        unknown = curl(f"{admin}/readyz/nosuch")
+        pod_verbose = curl(f"{admin}/readyz?verbose")
+        metrics = curl(f"{admin}/metrics").body.decode()
+    assert ready.status == 200 and json.loads(ready.body) == {"ready": True, "reasons": []}
+    assert again.status == 200
+    assert route.status == 503
+    (reason,) = json.loads(route.body)["reasons"]
+    assert reason.startswith("no valid OAuth token (last error: "), reason
+    assert verbose.status == 503
+    assert verbose.body.decode().splitlines() == [
+        "[+]listener ok",
+        "[+]certificates ok",
+        verbose.body.decode().splitlines()[2],
+        "readyz d1 check failed",
+    ]
+    assert verbose.body.decode().splitlines()[2].startswith("[-]oauth_token failed: no valid")
+    assert callbacks.status == 200
+    assert unknown.status == 404 and json.loads(unknown.body)["error"] == "unknown_route"
+    assert pod_verbose.status == 200 and pod_verbose.body.decode().endswith("readyz check passed\n")
+    assert "[+]listener:callbacks ok" in pod_verbose.body.decode()
+    assert 'mtls_sidecar_route_up{direction="egress",route="d1"} 0.0' in metrics
+    assert 'mtls_sidecar_route_up{direction="ingress",route="callbacks"} 1.0' in metrics
+    report = json.loads(out.stdout)
+    assert out.returncode == 0  # the pod is ready; the route is not
+    routes = {r["name"]: r for r in report["routes"]}
+    assert routes["d1"]["state"] == "down" and routes["callbacks"]["state"] == "up"
     token = routes["d1"]["oauth"]
     assert token["valid_until"] is None and token["last_error"]
-    assert again.status == 503 and "last error: " in json.loads(again.body)["reasons"][0]
+
+
+def test_a_fresh_process_exports_its_failure_counters_at_zero(env: Env) -> None:
+    """So that increase() sees the first failure: a counter born at 1 has no increase."""
+    oauth = f"""
+        [egress.oauth]
+        token_url = "https://localhost:{free_port()}/authz/v1/oauth2/token"
+        issuer = "MGW0000001"
+        signing_key = "oauth.key"
+        key_id = "kid-1"
+    """
+    conf, ports = config(env, "zeros", oauth)
+    sidecar = Sidecar(conf).start([("127.0.0.1", ports["admin"])])
+    with running(sidecar):
+        text = curl(f"http://127.0.0.1:{ports['admin']}/metrics").body.decode()
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    for name in (
+        'mtls_sidecar_reloads_total{result="success"}',
+        'mtls_sidecar_reloads_total{result="failure"}',
+        'mtls_sidecar_accept_errors_total{reason="emfile"}',
+        'mtls_sidecar_tls_handshake_errors_total{reason="certificate_untrusted",route="callbacks"}',
+        'mtls_sidecar_tls_handshake_errors_total{reason="no_client_certificate",route="callbacks"}',
+        'mtls_sidecar_tls_handshake_errors_total{reason="certificate_expired",route="d1"}',
+    ):
+        assert samples.get(name) == "0.0", name
+    # the token endpoint is closed: its failure may already be counted, but it is there
+    assert 'mtls_sidecar_oauth_token_failures_total{route="d1"}' in samples
+    roles = {line.split('role="')[1].split('"')[0] for line in samples
+             if line.startswith("mtls_sidecar_certificate_expiry_timestamp_seconds")}  # fmt: skip
+    assert roles == {"client", "server", "client_ca"}
 
 
 def test_status_without_a_running_sidecar_says_so(env: Env) -> None:

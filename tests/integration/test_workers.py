@@ -29,6 +29,7 @@ from tests.harness import (
     write_config,
     write_oauth_key,
 )
+from tests.pkifactory import Issued
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +39,7 @@ class Env:
     dir: Path
     origin: int
     upstream: Peer
+    client_ca: Issued
 
     def token_server(self, stats: Path) -> Peer:
         d = self.dir
@@ -126,7 +128,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("workers")
-    origin_pki(d)
+    _, client_ca = origin_pki(d)
     write_oauth_key(d)
     (d / "oauth.key").chmod(0o600)
     origin = free_port()
@@ -138,7 +140,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     ).start([("127.0.0.1", origin)])  # fmt: skip
     upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
     try:
-        yield Env(d, origin, upstream)
+        yield Env(d, origin, upstream, client_ca)
     finally:
         upstream.stop()
         nginx.stop()
@@ -370,8 +372,79 @@ def test_a_dead_worker_is_replaced_and_sigterm_drains_all(env: Env) -> None:
         setup.sidecar.stop()
     assert first[0] not in replaced and first[1] in replaced and len(replaced) == 2
     assert [v for _, v in restarts] == [1.0]
+    assert f"worker 0 (pid {first[0]}) exited with -9" in setup.sidecar.log()
     assert code == 0 and took < 5
     assert not any(os.path.exists(f"/proc/{pid}") for pid in replaced)
+
+
+def test_readiness_and_status_per_route_and_per_worker(env: Env) -> None:
+    oauth = f"""
+        [egress.oauth]
+        token_url = "https://localhost:{free_port()}/authz/v1/oauth2/token"
+        issuer = "MGW0000001"
+        signing_key = "oauth.key"
+        key_id = "kid-1"
+    """
+    setup = env.config("perroute", 2, oauth).start()
+    admin = f"http://127.0.0.1:{setup.ports['admin']}"
+    try:
+        assert setup.egress("/warm") in (502, 503)  # no token: the route cannot serve
+        assert setup.ingress() == 200
+        pod = curl(f"{admin}/readyz")
+        out = curl(f"{admin}/readyz/out")
+        inbound = curl(f"{admin}/readyz/in?verbose")
+        unknown = curl(f"{admin}/readyz/nosuch")
+        from tests.harness import SIDECAR
+
+        shown = subprocess.run([SIDECAR, "status", "--admin", f"127.0.0.1:{setup.ports['admin']}",
+                                "--json"], capture_output=True, text=True, timeout=20)  # fmt: skip
+    finally:
+        setup.sidecar.stop()
+    assert pod.status == 200  # a D1 token outage keeps the pod in its Service
+    assert out.status == 503 and "no valid OAuth token" in out.body.decode()
+    assert inbound.status == 200 and inbound.body.decode().endswith("readyz in check passed\n")
+    assert unknown.status == 404
+    report = json.loads(shown.stdout)
+    workers = report["workers"]
+    assert [w["index"] for w in workers] == [0, 1]
+    for w in workers:
+        assert w["pid"] > 0 and w["generation"] == 1 and w["uptime_seconds"] > 0
+        assert w["resident_bytes"] > 0 and isinstance(w["requests"], int)
+        assert w["started"].endswith("Z")
+    assert sum(w["requests"] for w in workers) == 2
+    routes = {r["name"]: r for r in report["routes"]}
+    assert routes["out"]["state"] == "down" and routes["in"]["state"] == "up"
+    assert routes["out"]["oauth"]["valid_until"] is None
+    assert report["last_reload"] is None and report["started"].endswith("Z")
+    assert "service.workers" not in report["restart_keys"]
+    lines = [json.loads(x) for x in setup.sidecar.log().splitlines() if x.startswith("{")]
+    from_workers = [x for x in lines if "worker" in x]
+    assert {x["worker"] for x in from_workers} == {0, 1}
+    assert {x["pid"] for x in from_workers} == {w["pid"] for w in workers}
+    access = [x for x in lines if x.get("kind") == "access"]
+    assert len(access) == 2 and all(x["pid"] in {w["pid"] for w in workers} for x in access)
+
+
+def test_workers_start_with_a_lapsed_client_certificate_and_serve_the_rest(env: Env) -> None:
+    from tests.harness import CLIENT_SUBJECT
+    from tests.pkifactory import DAY, NOW
+
+    ca = env.client_ca
+    ca.issue(CLIENT_SUBJECT, client=True, not_before=NOW - 9 * DAY, not_after=NOW - DAY).write(
+        env.dir, "lapsed"
+    )
+    setup = env.config("lapsed", 2)
+    text = setup.conf.read_text().replace('"client.pem"', '"lapsed.pem"')
+    setup.conf.write_text(text.replace('"client.key"', '"lapsed.key"'))
+    setup.start()
+    try:
+        out = curl(f"http://127.0.0.1:{setup.ports['egress']}/x")
+        inbound = setup.ingress()
+        route = curl(f"http://127.0.0.1:{setup.ports['admin']}/readyz/out")
+    finally:
+        setup.sidecar.stop()
+    assert out.status == 503 and json.loads(out.body)["error"] == "client_certificate_expired"
+    assert inbound == 200 and route.status == 503
 
 
 def test_check_refuses_a_bad_worker_count(env: Env) -> None:
