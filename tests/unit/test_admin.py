@@ -40,6 +40,9 @@ class State:
     def readiness(self) -> list[str]:
         return []
 
+    def readiness_checks(self, route: str | None = None) -> list[Any] | None:
+        return [] if route is None else None
+
     def status(self) -> dict[str, Any]:
         return {"config": {"client_cert": "/etc/secret/path.pem"}}
 
