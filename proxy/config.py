@@ -422,7 +422,7 @@ class _Loader:
             values[key] = getattr(d, key) if value is None else value
         return Limits(**values)
 
-    def timeouts(self, r: _Reader) -> Timeouts:
+    def timeouts(self, r: _Reader, *, tls_clients: bool) -> Timeouts:
         d = Timeouts()
         values: dict[str, float] = {}
         for field, key in (
@@ -436,6 +436,8 @@ class _Loader:
             ("send", "send_timeout"),
             ("close_grace", "close_grace"),
         ):
+            if key == "handshake_timeout" and not tls_clients:
+                continue  # egress clients speak plain HTTP: no handshake to time
             value = r.get(key, parse_duration, None)
             if value == 0:
                 r.error(key, "must be greater than 0")
@@ -460,7 +462,7 @@ class _Loader:
         if age == 0:
             r.error("max_connection_age", "must be greater than 0")
         pool_max_idle = r.get("pool_max_idle", _int, 64)
-        limits, timeouts = self.limits(r), self.timeouts(r)
+        limits, timeouts = self.limits(r), self.timeouts(r, tls_clients=False)
         oauth = None
         o = r.sub("oauth")
         if o is not None:
@@ -532,7 +534,7 @@ class _Loader:
         age = r.get("max_connection_age", parse_duration, 300.0)
         if age == 0:
             r.error("max_connection_age", "must be greater than 0")
-        limits, timeouts = self.limits(r), self.timeouts(r)
+        limits, timeouts = self.limits(r), self.timeouts(r, tls_clients=True)
         oauth = None
         o = r.sub("oauth")
         if o is not None:
