@@ -6,6 +6,7 @@ at once; `load()` raises ConfigError carrying the list.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -199,6 +200,29 @@ class Config:
         return (*self.egress, *self.ingress)
 
 
+# A timeout above these is almost surely milliseconds written as seconds: `check` warns.
+_SANE_TIMEOUTS = {
+    "connect_timeout": 60.0,
+    "response_timeout": 600.0,
+    "header_timeout": 120.0,
+    "idle_timeout": 3600.0,
+    "pool_idle_timeout": 3600.0,
+    "handshake_timeout": 60.0,
+    "body_timeout": 600.0,
+    "send_timeout": 600.0,
+    "close_grace": 60.0,
+}
+
+
+def _span(seconds: float) -> str:
+    """A duration as a person reads it: '8 h 20 min', '5 min', '45 s'."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{minutes} min" if minutes else f"{secs} s"
+
+
 # --------------------------------------------------------------------------- scalar parsers
 class _Bad(Exception):
     """A value is wrong; the message says how. The reader adds file and key."""
@@ -325,7 +349,10 @@ class _Reader:
     def finish(self) -> None:
         for name in self.table:
             if name not in self.used:
-                self.error(name, "unknown key")
+                # every get/require has run by now: `used` is the table's whole vocabulary
+                close = difflib.get_close_matches(name, sorted(self.used), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                self.error(name, f"unknown key{hint}")
 
 
 def _str(value: object) -> str:
@@ -442,6 +469,13 @@ class _Loader:
             if value == 0:
                 r.error(key, "must be greater than 0")
                 value = None
+            elif value is not None and value > _SANE_TIMEOUTS[key]:
+                self.add(
+                    "warning",
+                    r.key(key),
+                    f"{value:g} s ({_span(value)}) is far above {_SANE_TIMEOUTS[key]:g} s; "
+                    "durations are seconds, not milliseconds",
+                )
             values[field] = getattr(d, field) if value is None else value
         return Timeouts(**values)
 
@@ -661,12 +695,30 @@ def parse(
     p = Path(path).absolute()
     loader = _Loader(p, os.environ if environ is None else environ)
     try:
-        data = tomllib.loads(p.read_text("utf-8"))
+        raw = p.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
     except OSError as e:
         loader.add("error", "", f"cannot read: {e.strerror or e}")
         return None, loader.findings
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        loader.add("error", "", f"not valid TOML: {e}")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        loader.add(
+            "error",
+            "",
+            f"is not UTF-8 (byte 0x{raw[e.start]:02x} on line {line}; Latin-1 or Windows-1252?):"
+            " TOML files are UTF-8; convert it, e.g. with `iconv -f latin1 -t utf-8`",
+        )
+        return None, loader.findings
+    except tomllib.TOMLDecodeError as e:
+        if raw.startswith(b"\xef\xbb\xbf"):
+            loader.add(
+                "error",
+                "",
+                "starts with a byte order mark (BOM), which TOML does not allow: save it as UTF-8"
+                f" without BOM, e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' {p}`",
+            )
+        else:
+            loader.add("error", "", f"not valid TOML: {e}")
         return None, loader.findings
     root = _Reader(loader, data, "")
     service = loader.service(root)

@@ -199,11 +199,31 @@ def load_pem_chain(data: bytes) -> list[x509.Certificate]:
     return chain
 
 
+_WEAK_HASHES = frozenset({"MD5", "SHA-1"})
+
+
+def weak_signature_problems(chain: Sequence[x509.Certificate]) -> list[str]:
+    """Certificates signed with MD5 or SHA-1, which OpenSSL and partners refuse."""
+    problems: list[str] = []
+    for index, cert in enumerate(chain, 1):
+        if cert.issuer == cert.subject:
+            continue  # a root's self-signature is never checked
+        sig_hash = _signature_hash_name(cert)
+        if sig_hash in _WEAK_HASHES:
+            problems.append(
+                f"certificate {index} ({cert.subject.rfc4514_string()}) is signed with"
+                f" {sig_hash}, which TLS peers refuse: have it reissued with SHA-256"
+            )
+    return problems
+
+
 def chain_order_problems(chain: Sequence[x509.Certificate]) -> list[str]:
     """Each certificate must be issued (name and signature) by the one that follows it."""
     problems: list[str] = []
     for index, (cert, parent) in enumerate(itertools.pairwise(chain), 1):
         subject = cert.subject.rfc4514_string()
+        if _signature_hash_name(cert) in _WEAK_HASHES:
+            continue  # not verifiable here; weak_signature_problems says why
         if cert.issuer != parent.subject:
             problems.append(
                 f"certificate {index} ({subject}) is issued by {cert.issuer.rfc4514_string()}"

@@ -71,7 +71,7 @@ def _server(**kw: object) -> Callable[[Path, Pki], None]:
 CASES: dict[str, tuple[Callable[[Path, Pki], None], str]] = {
     "client_expired": (
         _client(PPR_CN, not_before=NOW - 30 * DAY, not_after=NOW - DAY),
-        r"client certificate .* expired 1 days ago",
+        r"client certificate .* expired 1 day ago",
     ),
     "client_not_yet_valid": (
         _client(PPR_CN, not_before=NOW + DAY, not_after=NOW + 30 * DAY),
@@ -79,7 +79,7 @@ CASES: dict[str, tuple[Callable[[Path, Pki], None], str]] = {
     ),
     "server_expired": (
         _server(not_before=NOW - 30 * DAY, not_after=NOW - DAY),
-        r"server certificate .* expired 1 days ago",
+        r"server certificate .* expired 1 day ago",
     ),
     "client_cn_not_d1": (
         _client("C=FR,O=Merchant,CN=merchant-gateway"),
