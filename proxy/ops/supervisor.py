@@ -38,7 +38,7 @@ from proxy import config as cfg
 from proxy.oauth import glue
 from proxy.ops import audit
 from proxy.ops.channel import Channel, ChannelFactory
-from proxy.ops.service import _signature, adopted_key, key_material_paths
+from proxy.ops.service import _signature, adopted_key, exit_at_once, key_material_paths
 from proxy.ops.worker import CHANNEL_FD_ENV, LISTEN_FDS_ENV, WORKER_ENV
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
@@ -618,7 +618,7 @@ def install_supervisor_signals(reactor: Any, sup: Supervisor, done: Any) -> None
 
     def on_term(signum: int, frame: object) -> None:
         if sup.stopping is not None:
-            os._exit(1)
+            exit_at_once(sup.config.service.log_format, signum)
         reactor.callFromThread(lambda: sup.stop().addBoth(lambda _: done()))
 
     def on_hup(signum: int, frame: object) -> None:
