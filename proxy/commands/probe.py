@@ -179,12 +179,13 @@ class IngressReport:
     client_cas: list[str] = attrs.Factory(list)
     client_cert_required: bool | None = None  # None: unknown
     client_auth: str = ""
+    private_ca: str = ""  # a warning: the chain is sound but ends at a CA outside Mozilla's
 
     @property
     def ok(self) -> bool:
         return bool(
             self.tcp_ok
-            and self.mozilla_root
+            and (self.mozilla_root or self.private_ca)
             and self.name_ok is not False
             and self.client_cert_required
         )
@@ -609,6 +610,13 @@ def _dn_value(value: str) -> str:
 
 
 # --------------------------------------------------------------------------- ingress
+# OpenSSL's verdicts that only say the anchor is not in the bundle (X509_V_ERR_UNABLE_TO_GET_
+# ISSUER_CERT, DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN, UNABLE_TO_GET_ISSUER_CERT_
+# LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE): what a private CA gives, unlike expiry or a bad
+# signature
+_ANCHOR_ERRORS = frozenset({2, 18, 19, 20, 21})
+
+
 class _ChainVerdict:
     """Verify callback of the partner's view: keeps OpenSSL's first complaint and lets the
     handshake go on, so a chain that fails still shows what else the listener sends."""
@@ -616,11 +624,14 @@ class _ChainVerdict:
     def __init__(self) -> None:
         self.called = False
         self.error: str | None = None
+        self.errnos: set[int] = set()
 
     def __call__(
         self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
         self.called = True
+        if not ok:
+            self.errnos.add(errno)
         if not ok and self.error is None:
             subject = cert.to_cryptography().subject.rfc4514_string()
             reason = tls.VERIFY_REASONS.get(errno, f"verification error {errno}")
@@ -799,6 +810,17 @@ class _IngressProber:
             report.alpn = alpn.decode("ascii", "replace") if alpn else None
         if not chain:
             report.verification = "not reached: no server certificate received"
+        elif verdict.error is not None and verdict.errnos <= _ANCHOR_ERRORS:
+            # sound but anchored outside Mozilla's bundle: D1 allows a private CA it was given
+            report.mozilla_root = False
+            report.verification = f"the served chain builds to no Mozilla root: {verdict.error}"
+            top = chain[-1]
+            ca = top.subject if top.issuer == top.subject else top.issuer
+            report.private_ca = (
+                f"a private CA ({ca.rfc4514_string()}) is fine for D1 only if Thales holds it:"
+                " hand this CA's bundle (PEM) to Thales, and warn them before any CA change"
+                + ("; from a public CA, serve its intermediates too" if len(chain) == 1 else "")
+            )
         elif verdict.error is not None:
             report.mozilla_root = False
             report.verification = (
@@ -967,6 +989,8 @@ def _ingress_text(r: IngressReport) -> list[str]:
         verdict = r.verification + (f" (anchor {r.anchor})" if r.anchor else "")
         answer = {True: "yes: ", False: "NO: ", None: ""}[r.mozilla_root]
         kv("Mozilla root", answer + verdict)
+        if r.private_ca:
+            kv("warning", r.private_ca)
         if r.name_check:
             kv("name", r.name_check)
         if r.configured:
@@ -975,7 +999,8 @@ def _ingress_text(r: IngressReport) -> list[str]:
             kv("cert requested", "yes" if r.cert_requested else "no")
         kv("client CAs asked", "; ".join(r.client_cas) or "none")
         kv("client auth", r.client_auth)
-    kv("result", "OK" if r.ok else "FAILED")
+    result = "OK" if r.ok else "FAILED"
+    kv("result", f"{result} (warning: private CA)" if r.ok and r.private_ca else result)
     return lines
 
 
