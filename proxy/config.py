@@ -412,7 +412,11 @@ class _Loader:
         if "${CREDENTIALS_DIRECTORY}" in text or "$CREDENTIALS_DIRECTORY" in text:
             creds = self.environ.get("CREDENTIALS_DIRECTORY")
             if not creds:
-                raise _Bad(f"{text!r} names $CREDENTIALS_DIRECTORY, which is not set")
+                raise _Bad(
+                    f"{text!r} names $CREDENTIALS_DIRECTORY, which is not set (systemd sets it"
+                    " for the service; elsewhere set it to the key folder, e.g. `export"
+                    " CREDENTIALS_DIRECTORY=/etc/mtls-sidecar/keys`)"
+                )
             text = text.replace("${CREDENTIALS_DIRECTORY}", creds)
             text = text.replace("$CREDENTIALS_DIRECTORY", creds)
         path = (self.base / os.path.expanduser(text)).absolute()
