@@ -635,7 +635,7 @@ def run_supervisor(config: cfg.Config, inherited: Mapping[str, list[int]],
     from twisted.internet import reactor
 
     from proxy.ops.systemd import Notifier, watchdog_interval
-    from proxy.telemetry.logs import start_logging
+    from proxy.telemetry.logs import start_logging, startup_error
 
     notifier = Notifier(dict(environ))
     sup = Supervisor(config, reactor, environ=environ, inherited=inherited, notifier=notifier,
@@ -651,14 +651,14 @@ def run_supervisor(config: cfg.Config, inherited: Mapping[str, list[int]],
         try:
             d = sup.start()
         except tls.MaterialError as e:
-            print(f"mtls-sidecar: error: {e}", file=sys.stderr)
+            startup_error(config.service.log_format, str(e))
             sup.exit_code = 2
             reactor.stop()  # type: ignore[attr-defined]
             return
 
         def failed(f: Failure) -> None:
-            print(f"mtls-sidecar: error: workers did not start: {f.getErrorMessage()}",
-                  file=sys.stderr)  # fmt: skip
+            fmt = config.service.log_format
+            startup_error(fmt, f"workers did not start: {f.getErrorMessage()}")
             sup.exit_code = 2
             sup.stop().addBoth(lambda _: stopped())
 
