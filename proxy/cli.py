@@ -7,6 +7,7 @@ import gc
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import attrs
@@ -51,23 +52,25 @@ def _run(args: argparse.Namespace) -> int:
     from proxy import config as cfg
     from proxy.ops.service import Sidecar, install_signal_handlers
     from proxy.ops.systemd import Notifier
-    from proxy.telemetry.logs import start_logging
+    from proxy.telemetry.logs import start_logging, startup_error
     from proxy.tls import contexts as tls
 
     try:
         config = cfg.load(args.config)
     except cfg.ConfigError as e:
+        fmt = _log_format(args.config)
         for f in e.findings:
-            print(f"mtls-sidecar: {f}", file=sys.stderr)
+            _finding(fmt, f)
         return 2
     from proxy.ops import audit
 
+    fmt = config.service.log_format
     # what `check` calls a mistake stops `run` too; a lapsed certificate takes its route down
     findings = audit.audit(config)
     problems = audit.mistakes(findings)
     if problems:
         for f in problems:
-            print(f"mtls-sidecar: {f}", file=sys.stderr)
+            _finding(fmt, f)
         return 2
     from proxy.ops import worker
 
@@ -92,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         sidecar.build()
     except tls.MaterialError as e:
-        print(f"mtls-sidecar: error: {config.path}: {e}", file=sys.stderr)
+        startup_error(fmt, f"{config.path}: {e}", file=str(config.path))
         return 2
     accept_errors = start_logging(
         config.service.log_format,
@@ -122,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             sidecar.start(inherited)
         except Exception as e:
-            print(f"mtls-sidecar: error: {e}", file=sys.stderr)
+            startup_error(fmt, str(e))
             result["code"] = 2
             reactor.stop()  # type: ignore[attr-defined]
             return
@@ -146,6 +149,30 @@ def _run(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(started)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return result["code"]
+
+
+def _log_format(path: str) -> str | None:
+    """The log format a config that does not load asks for, when its TOML can be read at all
+    (the default when it names none); None when even that fails."""
+    import tomllib
+
+    from proxy import config as cfg
+
+    try:
+        data = tomllib.loads(Path(path).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    log = data.get("log")
+    fmt = log.get("format") if isinstance(log, dict) else None
+    return fmt if fmt in ("json", "text") else cfg.ServiceConfig().log_format
+
+
+def _finding(fmt: str | None, f: Any) -> None:
+    from proxy.telemetry.logs import startup_error
+
+    where = f"{f.file}: {f.key}" if f.key else f.file
+    fields = {"file": f.file, "key": f.key} if f.key else {"file": f.file}
+    startup_error(fmt, f"{where}: {f.message}", **fields)
 
 
 def _worker_channel(reactor: Any, environ: dict[str, str], inherited: dict[str, list[int]]) -> Any:

@@ -6,6 +6,7 @@ at once; `load()` raises ConfigError carrying the list.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -216,6 +217,29 @@ class Config:
         return (*self.egress, *self.ingress)
 
 
+# A timeout above these is almost surely milliseconds written as seconds: `check` warns.
+_SANE_TIMEOUTS = {
+    "connect_timeout": 60.0,
+    "response_timeout": 600.0,
+    "header_timeout": 120.0,
+    "idle_timeout": 3600.0,
+    "pool_idle_timeout": 3600.0,
+    "handshake_timeout": 60.0,
+    "body_timeout": 600.0,
+    "send_timeout": 600.0,
+    "close_grace": 60.0,
+}
+
+
+def _span(seconds: float) -> str:
+    """A duration as a person reads it: '8 h 20 min', '5 min', '45 s'."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    return f"{minutes} min" if minutes else f"{secs} s"
+
+
 # --------------------------------------------------------------------------- scalar parsers
 class _Bad(Exception):
     """A value is wrong; the message says how. The reader adds file and key."""
@@ -350,7 +374,10 @@ class _Reader:
     def finish(self) -> None:
         for name in self.table:
             if name not in self.used:
-                self.error(name, "unknown key")
+                # every get/require has run by now: `used` is the table's whole vocabulary
+                close = difflib.get_close_matches(name, sorted(self.used), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                self.error(name, f"unknown key{hint}")
 
 
 def _str(value: object) -> str:
@@ -451,7 +478,11 @@ class _Loader:
         if "${CREDENTIALS_DIRECTORY}" in text or "$CREDENTIALS_DIRECTORY" in text:
             creds = self.environ.get("CREDENTIALS_DIRECTORY")
             if not creds:
-                raise _Bad(f"{text!r} names $CREDENTIALS_DIRECTORY, which is not set")
+                raise _Bad(
+                    f"{text!r} names $CREDENTIALS_DIRECTORY, which is not set (systemd sets it"
+                    " for the service; elsewhere set it to the key folder, e.g. `export"
+                    " CREDENTIALS_DIRECTORY=/etc/mtls-sidecar/keys`)"
+                )
             text = text.replace("${CREDENTIALS_DIRECTORY}", creds)
             text = text.replace("$CREDENTIALS_DIRECTORY", creds)
         path = (self.base / os.path.expanduser(text)).absolute()
@@ -490,7 +521,7 @@ class _Loader:
             values[key] = getattr(d, key) if value is None else value
         return Limits(**values)
 
-    def timeouts(self, r: _Reader) -> Timeouts:
+    def timeouts(self, r: _Reader, *, tls_clients: bool) -> Timeouts:
         d = Timeouts()
         values: dict[str, float] = {}
         for field, key in (
@@ -504,10 +535,19 @@ class _Loader:
             ("send", "send_timeout"),
             ("close_grace", "close_grace"),
         ):
+            if key == "handshake_timeout" and not tls_clients:
+                continue  # egress clients speak plain HTTP: no handshake to time
             value = r.get(key, parse_duration, None)
             if value == 0:
                 r.error(key, "must be greater than 0")
                 value = None
+            elif value is not None and value > _SANE_TIMEOUTS[key]:
+                self.add(
+                    "warning",
+                    r.key(key),
+                    f"{value:g} s ({_span(value)}) is far above {_SANE_TIMEOUTS[key]:g} s; "
+                    "durations are seconds, not milliseconds",
+                )
             values[field] = getattr(d, field) if value is None else value
         return Timeouts(**values)
 
@@ -528,7 +568,7 @@ class _Loader:
         if age == 0:
             r.error("max_connection_age", "must be greater than 0")
         pool_max_idle = r.get("pool_max_idle", _int, 64)
-        limits, timeouts = self.limits(r), self.timeouts(r)
+        limits, timeouts = self.limits(r), self.timeouts(r, tls_clients=False)
         oauth = None
         o = r.sub("oauth")
         if o is not None:
@@ -608,7 +648,7 @@ class _Loader:
         age = r.get("max_connection_age", parse_duration, 300.0)
         if age == 0:
             r.error("max_connection_age", "must be greater than 0")
-        limits, timeouts = self.limits(r), self.timeouts(r)
+        limits, timeouts = self.limits(r), self.timeouts(r, tls_clients=True)
         oauth = None
         o = r.sub("oauth")
         if o is not None:
@@ -770,12 +810,30 @@ def parse(
     p = Path(path).absolute()
     loader = _Loader(p, os.environ if environ is None else environ)
     try:
-        data = tomllib.loads(p.read_text("utf-8"))
+        raw = p.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
     except OSError as e:
         loader.add("error", "", f"cannot read: {e.strerror or e}")
         return None, loader.findings
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        loader.add("error", "", f"not valid TOML: {e}")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        loader.add(
+            "error",
+            "",
+            f"is not UTF-8 (byte 0x{raw[e.start]:02x} on line {line}; Latin-1 or Windows-1252?):"
+            " TOML files are UTF-8; convert it, e.g. with `iconv -f latin1 -t utf-8`",
+        )
+        return None, loader.findings
+    except tomllib.TOMLDecodeError as e:
+        if raw.startswith(b"\xef\xbb\xbf"):
+            loader.add(
+                "error",
+                "",
+                "starts with a byte order mark (BOM), which TOML does not allow: save it as UTF-8"
+                f" without BOM, e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' {p}`",
+            )
+        else:
+            loader.add("error", "", f"not valid TOML: {e}")
         return None, loader.findings
     root = _Reader(loader, data, "")
     service = loader.service(root)

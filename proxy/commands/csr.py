@@ -16,53 +16,70 @@ KEY_MODE = 0o600
 PUBLIC_MODE = 0o644
 
 _CSR_EPILOG = """\
+Client (default): --env, --gateway-id, --country, --state, --locality, --org, --org-unit.
 D1 accepts two keys only: ECDSA P-256 (default) or RSA 4096; Thales refuses RSA 2048, so no
 key size is offered. One CSR per environment: run this once for PPR and once for PRD.
 The key is written unencrypted (PKCS#8 PEM, mode 0600) because the service reads it unattended,
 e.g. from a systemd credential; existing files are never overwritten.
 The gateway id must match D1's published merchantGatewayId format (no override: Thales
 enforces the CN, and a certificate with a wrong CN is useless for five years).
+Server (--server): --dns NAME [--dns NAME ...]; C, ST, L, O, OU are optional. Send the CSR to a
+CA in Mozilla's program, or to a private CA whose bundle you hand to Thales.
 """
+_CLIENT_ARGS = ("env", "gateway_id", "country", "state", "locality", "org", "org_unit")
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the `csr` and `oauth-key` subcommands."""
     csr = sub.add_parser(
         "csr",
-        help="new key pair + CSR under D1's DN policy",
+        help="new key pair + CSR: D1's client certificate, or (--server) the ingress server's",
         description="Make a private key and a certificate signing request for D1's mutual TLS:"
-        " CN=TLSMA-<ECDSA|RSA>/<gateway id>/D1.<env>, plus C, ST, L, O, OU.",
+        " CN=TLSMA-<ECDSA|RSA>/<gateway id>/D1.<env>, plus C, ST, L, O, OU. With --server:"
+        " a key and CSR for the ingress route's server certificate, every --dns name in the"
+        " subjectAltName, under the generic key policy.",
         epilog=_CSR_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     csr.add_argument(
+        "--server",
+        action="store_true",
+        help="a CSR for the ingress server certificate (the host name D1 calls) instead",
+    )
+    csr.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --server: a DNS name for the subjectAltName (repeat for more; the first is"
+        " also the CN)",
+    )
+    csr.add_argument(
         "--env",
-        required=True,
         type=str.upper,
         choices=pki.D1_ENVS,
         help="D1 environment: PPR (pre-production) or PRD (production)",
     )
     csr.add_argument(
         "--gateway-id",
-        required=True,
         metavar="ID",
         help="merchantGatewayId assigned by Thales: exactly 10 characters of A-Z a-z 0-9 _ -",
     )
     csr.add_argument(
         "--key-type",
         default="ecdsa",
-        type=_key_type,
         metavar="{ecdsa,rsa}",
-        help="ecdsa = P-256 (default), rsa = RSA 4096",
+        help="ecdsa = P-256 (default), rsa = RSA 4096; with --server also ecdsa-p384,"
+        " ecdsa-p521, rsa2048, rsa3072",
     )
-    csr.add_argument("--country", required=True, metavar="C", help="two-letter country code")
-    csr.add_argument("--state", required=True, metavar="ST", help="state or province")
-    csr.add_argument("--locality", required=True, metavar="L", help="city")
-    csr.add_argument("--org", required=True, metavar="O", help="organization (the merchant)")
-    csr.add_argument("--org-unit", required=True, metavar="OU", help="organizational unit")
+    csr.add_argument("--country", metavar="C", help="two-letter country code")
+    csr.add_argument("--state", metavar="ST", help="state or province")
+    csr.add_argument("--locality", metavar="L", help="city")
+    csr.add_argument("--org", metavar="O", help="organization (the merchant)")
+    csr.add_argument("--org-unit", metavar="OU", help="organizational unit")
     csr.add_argument("--key-out", required=True, type=Path, metavar="FILE", help="new key file")
     csr.add_argument("--csr-out", required=True, type=Path, metavar="FILE", help="new CSR file")
-    csr.set_defaults(func=run_csr)
+    csr.set_defaults(func=run_csr, parser=csr)
 
     oauth = sub.add_parser(
         "oauth-key",
@@ -92,6 +109,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def run_csr(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    if args.server:
+        return _run_server_csr(args, parser)
+    missing = [f"--{a.replace('_', '-')}" for a in _CLIENT_ARGS if getattr(args, a) is None]
+    if args.dns:
+        parser.error("argument --dns: only with --server (a client CSR's name is D1's CN)")
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    try:
+        key_type = pki.parse_key_type(args.key_type)
+    except ValueError as e:
+        parser.error(f"argument --key-type: {e}")
     key_out: Path = args.key_out
     csr_out: Path = args.csr_out
     try:
@@ -105,9 +134,9 @@ def run_csr(args: argparse.Namespace) -> int:
             org_unit=args.org_unit,
         )
         # Every refusal comes before the (slow, for RSA) key generation and before any write.
-        pki.d1_subject(args.key_type, **subject)
+        pki.d1_subject(key_type, **subject)
         _refuse_existing(key_out, csr_out)
-        key = pki.make_key(args.key_type)
+        key = pki.make_key(key_type)
         csr = pki.make_csr(key, **subject)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM)
         _write_all([(key_out, _key_pem(key), KEY_MODE), (csr_out, csr_pem, PUBLIC_MODE)])
@@ -123,6 +152,49 @@ def run_csr(args: argparse.Namespace) -> int:
     print(
         "  3. with the certificate Thales returns, set client_cert and client_key of the"
         f" {args.env} egress route, then run: mtls-sidecar check -c FILE"
+    )
+    return 0
+
+
+def _run_server_csr(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The ingress server's key and CSR: the names D1 calls, the generic key policy (the
+    certificate comes from a public or private CA, not from Thales)."""
+    for name in ("env", "gateway_id"):
+        if getattr(args, name) is not None:
+            option = "--" + name.replace("_", "-")
+            parser.error(f"argument {option}: not with --server (it names D1's client CN)")
+    if not args.dns:
+        parser.error("argument --dns: --server needs at least one --dns NAME")
+    try:
+        spec = pki.parse_server_key_type(args.key_type)
+    except ValueError as e:
+        parser.error(f"argument --key-type: {e}")
+    key_out: Path = args.key_out
+    csr_out: Path = args.csr_out
+    fields = ("country", "state", "locality", "org", "org_unit")
+    subject = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    try:
+        names = [pki.server_dns_name(d) for d in args.dns]
+        _refuse_existing(key_out, csr_out)
+        key = pki.make_server_key(spec)
+        csr = pki.make_server_csr(key, names, subject)
+        csr_pem = csr.public_bytes(serialization.Encoding.PEM)
+        _write_all([(key_out, _key_pem(key), KEY_MODE), (csr_out, csr_pem, PUBLIC_MODE)])
+    except (ValueError, OSError) as e:
+        return _fail(e)
+    print(f"subject: {csr.subject.rfc4514_string()}")
+    print(f"names:   {', '.join(dict.fromkeys(names))}")
+    print(f"key:     {key_out} ({pki.describe_key(key.public_key())}, mode 0600)")
+    print(f"csr:     {csr_out}")
+    print("next steps:")
+    print(
+        f"  1. send {csr_out} to a CA in Mozilla's program, or sign it with your private CA"
+        " and hand that CA's bundle (PEM) to Thales"
+    )
+    print(f"  2. keep {key_out} secret on this host: the certificate works only with it")
+    print(
+        "  3. set server_cert (leaf, then intermediates) and server_key of the ingress route,"
+        " then run: mtls-sidecar check -c FILE"
     )
     return 0
 
@@ -167,13 +239,6 @@ def run_oauth_key(args: argparse.Namespace) -> int:
         f" the public key in verify_keys{public_hint}"
     )
     return 0
-
-
-def _key_type(text: str) -> str:
-    try:
-        return pki.parse_key_type(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 _key_pem = pki.private_key_pem

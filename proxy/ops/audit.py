@@ -67,17 +67,19 @@ def audit(
         findings.append(cfg.Finding(level, file, key, message))
 
     def certificate(key: str, path: Path, chain: list[Any], role: str) -> None:
+        for problem in pki.weak_signature_problems(chain):
+            add("error", key, f"{path}: {problem}")
         for problem in pki.chain_order_problems(chain):
             add("error", key, f"{path}: chain order: {problem}")
         leaf = chain[0]
         left = pki.days_left(leaf, now)
         subject = leaf.subject.rfc4514_string()
         if left < 0:
-            add("error", key, f"{path}: {role} certificate {subject} expired {-left:.0f} days ago")
+            add("error", key, f"{path}: {role} certificate {subject} expired {_days(-left)} ago")
         elif now < leaf.not_valid_before_utc:
             add("error", key, f"{path}: {role} certificate {subject} is not valid yet")
         elif left < warn_days:
-            add("warning", key, f"{path}: {role} certificate {subject} expires in {left:.0f} days")
+            add("warning", key, f"{path}: {role} certificate {subject} expires in {_days(left)}")
         else:
             add("info", key, f"{path}: {role} certificate {subject}, {left:.0f} days left")
         if left < 0 or now < leaf.not_valid_before_utc:  # that route goes down, not `run`
@@ -171,6 +173,18 @@ def audit(
             if problem:
                 add("warning", key, f"{where}: {problem}")
     return findings
+
+
+def _days(days: float) -> str:
+    """'12 days', '1 day'; under a day in hours, under an hour in minutes ("0 days" helps no
+    one)."""
+    if days >= 1:
+        return f"{round(days)} day{'s' if round(days) != 1 else ''}"
+    hours = days * 24
+    if hours >= 1:
+        return f"{hours:.0f} hour{'s' if round(hours) != 1 else ''}"
+    minutes = max(1, round(hours * 60))
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
 def _gateway_id(leaf: Any) -> str | None:

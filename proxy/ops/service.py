@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 from twisted.internet import defer, task
@@ -22,7 +22,7 @@ from proxy.ops import audit, health
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
-from proxy.telemetry.logs import AcceptErrors, AccessLog, rfc3339
+from proxy.telemetry.logs import AcceptErrors, AccessLog, log_line, rfc3339
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
 from proxy.tls import pki
@@ -857,7 +857,8 @@ class Sidecar:
         stops = [defer.maybeDeferred(s.port.stopListening) for s in self.routes if s.port]
         for state in self.routes:
             state.route.drain()
-        deadline = self.reactor.seconds() + self.config.service.drain_timeout
+        started = self.reactor.seconds()
+        deadline = started + self.config.service.drain_timeout
         done: defer.Deferred[None] = defer.Deferred()
 
         def check() -> None:
@@ -869,6 +870,12 @@ class Sidecar:
                     s.route.abort_all()
                 poll.stop()
                 self.access_log.flush()
+                # the last line: an operator reading the log knows the stop was complete
+                self.log.info(
+                    "stopped after a {s:.1f}s drain; connections cut at the drain timeout: {n}",
+                    s=self.reactor.seconds() - started,
+                    n=busy,
+                )
                 done.callback(None)
 
         poll = task.LoopingCall(check)
@@ -933,6 +940,22 @@ def _reason_label(detail: str) -> str:
     return "handshake_failed"
 
 
+def exit_at_once(log_format: str, signum: int) -> NoReturn:
+    """A second SIGTERM/SIGINT while draining: one log line, then exit 128 + the signal, as a
+    shell reports a process that signal ended (not 0: requests in flight are cut; not 1,
+    which reads as a crash)."""
+    code = 128 + signum
+    line = log_line(
+        log_format,
+        f"second {signal.Signals(signum).name} while draining: exiting at once with status"
+        f" {code}; requests in flight are cut",
+        level="warn",
+        logger="proxy.ops.service",
+    )
+    os.write(1, line.encode())  # in a signal handler: one write, no buffered stream
+    os._exit(code)
+
+
 def install_signal_handlers(
     reactor: Any, sidecar: Sidecar, exit_code: Callable[[int], None]
 ) -> None:
@@ -942,7 +965,7 @@ def install_signal_handlers(
     def on_term(signum: int, frame: object) -> None:
         if state["stopping"]:
             sidecar.access_log.flush()
-            os._exit(1)
+            exit_at_once(sidecar.config.service.log_format, signum)
         state["stopping"] = True
         reactor.callFromThread(_graceful)
 

@@ -41,7 +41,13 @@ from proxy.ops import audit
 from proxy.ops.admin import PeerGate, readyz_answer, readyz_target
 from proxy.ops.channel import Channel, ChannelFactory
 from proxy.ops.health import Check, log_findings
-from proxy.ops.service import _signature, adopted_key, key_material_paths, restart_only_keys
+from proxy.ops.service import (
+    _signature,
+    adopted_key,
+    exit_at_once,
+    key_material_paths,
+    restart_only_keys,
+)
 from proxy.ops.worker import CHANNEL_FD_ENV, LISTEN_FDS_ENV, WORKER_ENV
 from proxy.telemetry.logs import rfc3339
 from proxy.telemetry.metrics import Metrics
@@ -677,7 +683,7 @@ def install_supervisor_signals(reactor: Any, sup: Supervisor, done: Any) -> None
 
     def on_term(signum: int, frame: object) -> None:
         if sup.stopping is not None:
-            os._exit(1)
+            exit_at_once(sup.config.service.log_format, signum)
         reactor.callFromThread(lambda: sup.stop().addBoth(lambda _: done()))
 
     def on_hup(signum: int, frame: object) -> None:
@@ -695,7 +701,7 @@ def run_supervisor(config: cfg.Config, inherited: Mapping[str, list[int]],
     from twisted.internet import reactor
 
     from proxy.ops.systemd import Notifier, watchdog_interval
-    from proxy.telemetry.logs import start_logging
+    from proxy.telemetry.logs import start_logging, startup_error
 
     notifier = Notifier(dict(environ))
     sup = Supervisor(config, reactor, environ=environ, inherited=inherited, notifier=notifier,
@@ -716,14 +722,14 @@ def run_supervisor(config: cfg.Config, inherited: Mapping[str, list[int]],
         try:
             d = sup.start()
         except tls.MaterialError as e:
-            print(f"mtls-sidecar: error: {e}", file=sys.stderr)
+            startup_error(config.service.log_format, str(e))
             sup.exit_code = 2
             reactor.stop()  # type: ignore[attr-defined]
             return
 
         def failed(f: Failure) -> None:
-            print(f"mtls-sidecar: error: workers did not start: {f.getErrorMessage()}",
-                  file=sys.stderr)  # fmt: skip
+            fmt = config.service.log_format
+            startup_error(fmt, f"workers did not start: {f.getErrorMessage()}")
             sup.exit_code = 2
             sup.stop().addBoth(lambda _: stopped())
 

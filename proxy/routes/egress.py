@@ -6,6 +6,7 @@ only when they name the upstream's own host: never an open proxy.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 from typing import Any
@@ -36,6 +37,23 @@ def new_correlation_id() -> bytes:
     return f"{_CORRELATION_PREFIX}{next(_correlation_counter) & 0xFFFFFFFFFFFF:012x}".encode()
 
 
+def _host_header(config: EgressConfig) -> str:
+    """The upstream's authority; with `upstream` an IP address and `server_name` set, the name
+    instead: the partner's virtual host is chosen by name, as the certificate is."""
+    up, name = config.upstream, config.server_name
+    if name and _is_address(up.host):
+        return name if up.port == 443 else f"{name}:{up.port}"
+    return up.authority
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class Egress(Route):
     direction = "egress"
 
@@ -43,7 +61,7 @@ class Egress(Route):
         super().__init__(name=config.name, limits=config.limits, timeouts=config.timeouts, **kw)
         self.config = config
         up = config.upstream
-        self.host_header = up.authority.encode("idna")
+        self.host_header = _host_header(config).encode("idna")
         self.base_path = up.base_path.encode()
         self.upstream_host = up.host.lower()
         self.upstream_port = up.port

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import time
 from json.encoder import encode_basestring_ascii as _quote  # the encoder's own quoting (C)
 from typing import IO, Any
 
@@ -76,6 +77,8 @@ class LineObserver:
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level", LogLevel.info)
+        if level == LogLevel.critical:
+            level = LogLevel.error  # the four documented levels only; an alert on error sees it
         text = formatEvent(event)
         failure = event.get("log_failure")
         if failure is not None:
@@ -150,6 +153,30 @@ class AcceptErrors:
                 "log_time": now,
             }
         )
+
+
+def startup_error(fmt: str | None, text: str, stream: IO[str] | None = None, **fields: str) -> None:
+    """A reason `run` stops before logging has started, as one line on stderr: a JSON line when
+    the config logs JSON (so a log shipper parses it like any other), else the CLI's plain
+    'mtls-sidecar: error: ...' (also when the config could not be read: no format is known)."""
+    stream = stream or sys.stderr
+    if fmt == "json":
+        stream.write(log_line(fmt, text, **fields))
+    else:
+        stream.write(f"mtls-sidecar: error: {text}\n")
+    stream.flush()
+
+
+def log_line(
+    fmt: str, text: str, *, level: str = "error", logger: str = "proxy.cli", **fields: str
+) -> str:
+    """One log line, newline included, in LineObserver's shape, for the few places that must
+    write it themselves (before logging starts, or from a signal handler)."""
+    now = time.time()
+    if fmt == "json":
+        record = {"time": rfc3339(now), "level": level, "logger": logger, "msg": text}
+        return json.dumps({**record, **fields}, ensure_ascii=True) + "\n"
+    return f"{rfc3339(now)} {level.upper():5} {text}\n"
 
 
 def start_logging(

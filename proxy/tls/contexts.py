@@ -18,6 +18,7 @@ import certifi
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ssl_ffi
 from OpenSSL._util import lib as _ssl_lib
@@ -82,6 +83,9 @@ def read_chain(path: Path, what: str) -> list[x509.Certificate]:
             f"{what} {path}: is a DER (binary) certificate; PEM is expected: convert it with "
             f"`openssl x509 -inform der -in {path} -out {path}.pem`"
         )
+    hint = _other_format_hint(data, path)
+    if hint:
+        raise MaterialError(f"{what} {path}: {hint}")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -89,6 +93,28 @@ def read_chain(path: Path, what: str) -> list[x509.Certificate]:
             f"{what} {path}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)"
         ) from None
     return certs
+
+
+def _other_format_hint(data: bytes, path: Path) -> str | None:
+    """What a file that holds no PEM certificate holds instead, and how to get one from it."""
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        return None
+    if b"-----BEGIN PKCS7-----" in data or (
+        b"-----BEGIN" not in data and _is_der(data, pkcs7.load_der_pkcs7_certificates)
+    ):
+        inform = "" if b"-----BEGIN" in data else "-inform der "
+        return (
+            "is a PKCS#7 bundle (.p7b/.p7c); PEM is expected: convert it with "
+            f"`openssl pkcs7 {inform}-print_certs -in {path} -out {path}.pem`"
+        )
+    if b"CERTIFICATE REQUEST-----" in data or (
+        b"-----BEGIN" not in data and _is_der(data, x509.load_der_x509_csr)
+    ):
+        return (
+            "is a certificate signing request (CSR), not a certificate: send it to the CA and"
+            " use the certificate it returns (leaf first, then intermediates)"
+        )
+    return None
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 from service_identity.cryptography import (
     verify_certificate_hostname,
     verify_certificate_ip_address,
@@ -199,11 +199,31 @@ def load_pem_chain(data: bytes) -> list[x509.Certificate]:
     return chain
 
 
+_WEAK_HASHES = frozenset({"MD5", "SHA-1"})
+
+
+def weak_signature_problems(chain: Sequence[x509.Certificate]) -> list[str]:
+    """Certificates signed with MD5 or SHA-1, which OpenSSL and partners refuse."""
+    problems: list[str] = []
+    for index, cert in enumerate(chain, 1):
+        if cert.issuer == cert.subject:
+            continue  # a root's self-signature is never checked
+        sig_hash = _signature_hash_name(cert)
+        if sig_hash in _WEAK_HASHES:
+            problems.append(
+                f"certificate {index} ({cert.subject.rfc4514_string()}) is signed with"
+                f" {sig_hash}, which TLS peers refuse: have it reissued with SHA-256"
+            )
+    return problems
+
+
 def chain_order_problems(chain: Sequence[x509.Certificate]) -> list[str]:
     """Each certificate must be issued (name and signature) by the one that follows it."""
     problems: list[str] = []
     for index, (cert, parent) in enumerate(itertools.pairwise(chain), 1):
         subject = cert.subject.rfc4514_string()
+        if _signature_hash_name(cert) in _WEAK_HASHES:
+            continue  # not verifiable here; weak_signature_problems says why
         if cert.issuer != parent.subject:
             problems.append(
                 f"certificate {index} ({subject}) is issued by {cert.issuer.rfc4514_string()}"
@@ -405,6 +425,112 @@ def _check_dn_value(field: str, value: str) -> None:
 def _attr_text(attribute: x509.NameAttribute[str | bytes]) -> str:
     value = attribute.value
     return value if isinstance(value, str) else value.decode("latin-1")
+
+
+# --- server CSR (ingress) --------------------------------------------------------------------
+
+_SERVER_RSA_SIZES = (2048, 3072, 4096)
+_SERVER_CURVES: dict[str, ec.EllipticCurve] = {
+    "P-256": ec.SECP256R1(),
+    "P-384": ec.SECP384R1(),
+    "P-521": ec.SECP521R1(),
+}
+_SERVER_RULE = (
+    "a server key (profile generic) is RSA 2048, 3072 or 4096 bits or ECDSA P-256/P-384/P-521"
+)
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def parse_server_key_type(text: str) -> tuple[KeyType, int | str]:
+    """A server key under the generic policy: ('ecdsa', 'P-256'|'P-384'|'P-521') or
+    ('rsa', 2048|3072|4096); 'ecdsa' alone is P-256 and 'rsa' alone is 4096 bits."""
+    usage = "expected ecdsa (P-256), ecdsa-p384, ecdsa-p521, rsa (4096), rsa2048 or rsa3072"
+    match = _KEY_TYPE_SPELLING.match(text.strip())
+    if match is None:
+        raise ValueError(f"key type {text!r}: {usage}")
+    param = (match["param"] or "").lower().replace("-", "")
+    if match["family"].lower() == "rsa":
+        size = int(param) if param.isdigit() else 4096 if not param else 0
+        if size in _SERVER_RSA_SIZES:
+            return "rsa", size
+        if size:
+            raise ValueError(f"RSA {size} bits; {_SERVER_RULE}")
+        raise ValueError(f"key type {text!r}: {usage}")
+    curve = _CURVE_SPELLINGS.get(param, param.upper())
+    if curve in _SERVER_CURVES:
+        return "ecdsa", curve
+    raise ValueError(f"ECDSA {curve}; {_SERVER_RULE}")
+
+
+def make_server_key(spec: tuple[KeyType, int | str]) -> CsrKey:
+    family, param = spec
+    if family == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(param))
+    return ec.generate_private_key(_SERVER_CURVES[str(param)])
+
+
+def server_dns_name(text: str) -> str:
+    """A DNS name for a server certificate's subjectAltName, as the CA wants it: lowercase
+    A-labels, at most one leading '*.' wildcard; ValueError says what is wrong."""
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"--dns {text!r}: an IP address, not a DNS name")
+    name = text.rstrip(".").lower()
+    wildcard = name.startswith("*.")
+    try:
+        ascii_name = name[2 if wildcard else 0 :].encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"--dns {text!r}: not a valid DNS name") from None
+    labels = ascii_name.split(".")
+    if len(labels) < 2 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ValueError(f"--dns {text!r}: not a fully qualified DNS name such as api.example.com")
+    return ("*." if wildcard else "") + ascii_name
+
+
+def make_server_csr(
+    key: CsrKey, dns: Sequence[str], subject: Mapping[str, str] | None = None
+) -> x509.CertificateSigningRequest:
+    """A SHA-256 CSR for an ingress server certificate: every name in the subjectAltName, the
+    first as CN, plus whichever of C, ST, L, O, OU are given (for OV certificates)."""
+    problem = key_policy_problem(key.public_key(), "generic")
+    if problem is not None:
+        raise ValueError(problem)
+    names = list(dict.fromkeys(server_dns_name(d) for d in dns))
+    if not names:
+        raise ValueError("a server CSR needs at least one --dns NAME")
+    given = dict(subject or {})
+    attributes = []
+    country = given.pop("country", None)
+    if country is not None:
+        if not re.fullmatch(r"[A-Za-z]{2}", country):
+            raise ValueError(f"country {country!r}: expected a two-letter ISO 3166 code such as FR")
+        attributes.append(x509.NameAttribute(NameOID.COUNTRY_NAME, country.upper()))
+    oids = {
+        "state": NameOID.STATE_OR_PROVINCE_NAME,
+        "locality": NameOID.LOCALITY_NAME,
+        "org": NameOID.ORGANIZATION_NAME,
+        "org_unit": NameOID.ORGANIZATIONAL_UNIT_NAME,
+    }
+    for field, oid in oids.items():
+        value = given.pop(field, None)
+        if value is not None:
+            _check_dn_value(field, value)
+            attributes.append(x509.NameAttribute(oid, value))
+    if given:
+        raise ValueError(f"unknown subject fields: {', '.join(sorted(given))}")
+    # a CN holds at most 64 characters (RFC 5280 ub-common-name); the SAN carries every name
+    if len(names[0]) <= 64:
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0]))
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name(attributes))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .sign(key, hashes.SHA256())
+    )
 
 
 # --- OAuth assertion key (ES256) -------------------------------------------------------------

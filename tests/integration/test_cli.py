@@ -79,7 +79,7 @@ def test_missing_config_file_is_one_line_with_the_error_prefix(
 
 @pytest.mark.parametrize("command", ["run", "probe"])
 def test_bad_config_is_reported_with_the_error_prefix(command: str, tmp_path: Path) -> None:
-    conf = write_config(tmp_path / "bad.toml", "[service]\nworkerz = 2\n")
+    conf = write_config(tmp_path / "bad.toml", '[log]\nformat = "text"\n[service]\nworkerz = 2\n')
     done = sidecar(command, "-c", str(conf))
     assert done.returncode == 2
     lines = done.stderr.splitlines()

@@ -232,3 +232,67 @@ def test_write_new_file_names_the_file_in_the_way(tmp_path: Path) -> None:
         str(missing.value)
         == f"{tmp_path}/nowhere/client.key: folder {tmp_path}/nowhere does not exist"
     )
+
+
+# --------------------------------------------------------------------------- --server
+def server_csr(cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return sidecar("csr", "--server", "--key-out", "server.key", "--csr-out", "server.csr",
+                   *extra, cwd=cwd)  # fmt: skip
+
+
+def test_server_csr_names_every_dns_name_and_verifies_with_openssl(tmp_path: Path) -> None:
+    names = ["--dns", "callbacks.merchant.example", "--dns", "*.cb.merchant.example"]
+    done = server_csr(tmp_path, *names, "--org", "Acme, Inc.", "--country", "fr")
+    assert done.returncode == 0, done.stderr
+    text = openssl_req_text(tmp_path / "server.csr")
+    assert 'Subject: C = FR, O = "Acme, Inc.", CN = callbacks.merchant.example\n' in text
+    assert "DNS:callbacks.merchant.example, DNS:*.cb.merchant.example" in text
+    assert "TLS Web Server Authentication" in text
+    assert "Signature Algorithm: ecdsa-with-SHA256" in text and "NIST CURVE: P-256" in text
+    assert "TLSMA" not in text  # not D1's client DN policy
+    key_path = tmp_path / "server.key"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    request = x509.load_pem_x509_csr((tmp_path / "server.csr").read_bytes())
+    assert request.public_key() == key.public_key()
+    assert "hand that CA's bundle (PEM) to Thales" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("key_type", "described"),
+    [("rsa2048", "RSA 2048"), ("ecdsa-p384", "ECDSA P-384")],
+)
+def test_server_csr_takes_keys_d1_refuses_for_clients_but_generic_allows(
+    tmp_path: Path, key_type: str, described: str
+) -> None:
+    done = server_csr(tmp_path, "--dns", "cb.merchant.example", "--key-type", key_type)
+    assert done.returncode == 0, done.stderr
+    assert f"({described}, mode 0600)" in done.stdout
+    assert "Public-Key:" in openssl_req_text(tmp_path / "server.csr")
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        ((), 2, "argument --dns: --server needs at least one --dns NAME"),
+        (("--dns", "cb.example", "--key-type", "rsa1024"), 2, "argument --key-type: RSA 1024 bits"),
+        (("--dns", "cb.example", "--env", "PPR"), 2, "argument --env: not with --server"),
+        (("--dns", "127.0.0.1"), 1, "--dns '127.0.0.1': an IP address, not a DNS name"),
+        (("--dns", "localhost"), 1, "--dns 'localhost': not a fully qualified DNS name"),
+        (("--dns", "bad_name.example"), 1, "--dns 'bad_name.example': not a fully qualified"),
+    ],
+)
+def test_server_csr_refusals_write_nothing(
+    tmp_path: Path, extra: tuple[str, ...], code: int, message: str
+) -> None:
+    done = server_csr(tmp_path, *extra)
+    assert done.returncode == code
+    assert message in done.stderr.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dns_without_server_is_a_usage_error(tmp_path: Path) -> None:
+    done = csr(tmp_path, "--env", "PPR", "--dns", "cb.example")
+    assert done.returncode == 2
+    assert "argument --dns: only with --server" in done.stderr
+    assert list(tmp_path.iterdir()) == []

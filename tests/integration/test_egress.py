@@ -441,3 +441,18 @@ def test_access_log_line_per_request_without_secrets(env: Env) -> None:
     assert line["route"] == "logged" and line["status"] == 200 and line["path"] == "/acct"
     assert line["correlation_id"] == "corr-1" and line["method"] == "GET"
     assert "sekret-token" not in sidecar.log() and "4111" not in sidecar.log()
+
+
+def test_an_address_upstream_sends_server_name_as_the_host(env: Env) -> None:
+    """The partner's virtual host is chosen by name: with `upstream` an address, the Host is
+    `server_name` (the name its certificate carries and SNI sends), not the address."""
+    sidecar, port = env.sidecar(
+        "by-address", f"https://127.0.0.1:{env.ports['good']}", 'server_name = "localhost"'
+    )
+    sidecar.start([("127.0.0.1", port)])
+    try:
+        r = curl(f"http://127.0.0.1:{port}/v1/cards")
+    finally:
+        sidecar.stop()
+    assert r.status == 200, r.body
+    assert echo(r.body)["host"] == "localhost"

@@ -156,9 +156,9 @@ def test_run_refuses_to_start_on_what_check_calls_an_error(
                          timeout=30)  # fmt: skip
     assert out.returncode == 2
     assert time.monotonic() - t0 < 10
-    lines = out.stderr.splitlines()
-    assert lines and all(line.startswith("mtls-sidecar: error: ") for line in lines), lines
-    assert any(re.search(reason, line) for line in lines), lines
+    lines = [json.loads(line) for line in out.stderr.splitlines()]  # [log] format = "json"
+    assert lines and all(line["level"] == "error" for line in lines), lines
+    assert any(re.search(reason, line["msg"]) for line in lines), lines
     check = subprocess.run([SIDECAR, "check", "-c", str(conf)], capture_output=True, text=True,
                            timeout=30)  # fmt: skip
     assert check.returncode == 1 and re.search(reason, check.stdout)

@@ -93,6 +93,28 @@ def sandbox() -> list[str]:
     ]  # fmt: skip
 
 
+IMAGE_TOOLS = ("podman", "runc", "mmdebstrap")
+
+
+def need_image_tools() -> None:
+    """Skip (fail under CI) with one reason naming every missing tool. mmdebstrap is needed
+    only while the base image is not built yet."""
+    missing = [t for t in ("podman", "runc", "make") if shutil.which(t) is None]
+    if "podman" not in missing and shutil.which("mmdebstrap") is None:
+        if podman("image", "exists", BASE_IMAGE).returncode != 0:
+            missing.append("mmdebstrap")
+    elif "podman" in missing and shutil.which("mmdebstrap") is None:
+        missing.append("mmdebstrap")
+    if missing:
+        reason = (
+            f"the image tests need {', '.join(IMAGE_TOOLS)} (mmdebstrap builds the base image"
+            f" once); missing: {', '.join(missing)}"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (installed by .ci/run)")
+        pytest.skip(reason)
+
+
 def make_base(workdir: Path) -> None:
     if podman("image", "exists", BASE_IMAGE).returncode == 0:
         return
@@ -111,9 +133,7 @@ def make_base(workdir: Path) -> None:
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     """`make image` once per test run, whichever xdist worker gets here first; one build at a
     time in this tree, whatever runs it (they share build/wheelhouse)."""
-    need("podman")
-    need("runc")
-    need("make")
+    need_image_tools()
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # this run's folder, common to its workers
@@ -337,6 +357,19 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     finally:
         nginx.stop()
         upstream.stop()
+
+
+def test_missing_image_tools_skip_with_a_reason_naming_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        need_image_tools()
+    assert str(skipped.value.msg).startswith(
+        "the image tests need podman, runc, mmdebstrap (mmdebstrap builds the base image once);"
+        " missing: podman, runc, make, mmdebstrap"
+    )
 
 
 def test_the_lock_pins_every_runtime_dependency_within_pyproject() -> None:

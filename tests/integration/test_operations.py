@@ -270,6 +270,8 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(env: Env, tmp_path: Pa
     finally:
         sidecar.stop()
         slow.stop()
+    last = sidecar.log().splitlines()[-1]
+    assert "stopped after a " in last and "cut at the drain timeout: 0" in last, last
 
 
 def test_metrics_move_with_traffic(env: Env) -> None:
@@ -334,11 +336,13 @@ def test_a_second_sigterm_exits_at_once(env: Env, tmp_path: Path) -> None:
             sidecar.proc.send_signal(signal.SIGTERM)
             code = sidecar.proc.wait(5)
             assert time.monotonic() - started < 2
-            assert code != 0
+            assert code == 128 + signal.SIGTERM  # what a shell reports for a SIGTERM'd process
             assert pending.result().status != 200
     finally:
         sidecar.stop()
         slow.stop()
+    last = sidecar.log().splitlines()[-1]
+    assert "second SIGTERM while draining: exiting at once with status 143" in last, last
 
 
 def test_systemd_notifications_ready_reloading_stopping(env: Env, tmp_path: Path) -> None:

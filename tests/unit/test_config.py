@@ -179,7 +179,7 @@ def test_unknown_key_in_route_names_route_index_and_name(folder: Path) -> None:
     _, findings = parse_text(folder, egress_with(client_crt='"client.pem"'))
     f = only_error(findings)
     assert f.key == "egress[0] (d1-ppr).client_crt"
-    assert f.message == "unknown key"
+    assert f.message == "unknown key; did you mean 'client_cert'?"
 
 
 def test_unknown_key_in_egress_oauth_is_named(folder: Path) -> None:
@@ -192,7 +192,10 @@ def test_unknown_key_in_egress_oauth_is_named(folder: Path) -> None:
 def test_unknown_key_in_admin_and_log_is_named(folder: Path) -> None:
     text = '[admin]\nlisten = "127.0.0.1:9901"\nport = 1\n[log]\nlevels = "debug"\n' + EGRESS
     _, findings = parse_text(folder, text)
-    assert errors(findings) == {"admin.port": "unknown key", "log.levels": "unknown key"}
+    assert errors(findings) == {
+        "admin.port": "unknown key",
+        "log.levels": "unknown key; did you mean 'level'?",
+    }
 
 
 def test_log_level_is_one_of_the_named_levels(folder: Path) -> None:

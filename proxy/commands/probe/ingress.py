@@ -26,8 +26,14 @@ from proxy.commands.probe.reports import (
 )
 from proxy.tls import contexts as tls
 
-
 # --------------------------------------------------------------------------- ingress
+# OpenSSL's verdicts that only say the anchor is not in the bundle (X509_V_ERR_UNABLE_TO_GET_
+# ISSUER_CERT, DEPTH_ZERO_SELF_SIGNED_CERT, SELF_SIGNED_CERT_IN_CHAIN, UNABLE_TO_GET_ISSUER_CERT_
+# LOCALLY, UNABLE_TO_VERIFY_LEAF_SIGNATURE): what a private CA gives, unlike expiry or a bad
+# signature
+_ANCHOR_ERRORS = frozenset({2, 18, 19, 20, 21})
+
+
 class _ChainVerdict:
     """Verify callback of the partner's view: keeps OpenSSL's first complaint and lets the
     handshake go on, so a chain that fails still shows what else the listener sends."""
@@ -35,11 +41,14 @@ class _ChainVerdict:
     def __init__(self) -> None:
         self.called = False
         self.error: str | None = None
+        self.errnos: set[int] = set()
 
     def __call__(
         self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
         self.called = True
+        if not ok:
+            self.errnos.add(errno)
         if not ok and self.error is None:
             subject = cert.to_cryptography().subject.rfc4514_string()
             reason = tls.VERIFY_REASONS.get(errno, f"verification error {errno}")
@@ -218,6 +227,17 @@ class _IngressProber:
             report.alpn = alpn.decode("ascii", "replace") if alpn else None
         if not chain:
             report.verification = "not reached: no server certificate received"
+        elif verdict.error is not None and verdict.errnos <= _ANCHOR_ERRORS:
+            # sound but anchored outside Mozilla's bundle: D1 allows a private CA it was given
+            report.mozilla_root = False
+            report.verification = f"the served chain builds to no Mozilla root: {verdict.error}"
+            top = chain[-1]
+            ca = top.subject if top.issuer == top.subject else top.issuer
+            report.private_ca = (
+                f"a private CA ({ca.rfc4514_string()}) is fine for D1 only if Thales holds it:"
+                " hand this CA's bundle (PEM) to Thales, and warn them before any CA change"
+                + ("; from a public CA, serve its intermediates too" if len(chain) == 1 else "")
+            )
         elif verdict.error is not None:
             report.mozilla_root = False
             report.verification = (

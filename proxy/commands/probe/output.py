@@ -101,6 +101,8 @@ def _ingress_text(r: IngressReport) -> list[str]:
         verdict = r.verification + (f" (anchor {r.anchor})" if r.anchor else "")
         answer = {True: "yes: ", False: "NO: ", None: ""}[r.mozilla_root]
         kv("Mozilla root", answer + verdict)
+        if r.private_ca:
+            kv("warning", r.private_ca)
         if r.name_check:
             kv("name", r.name_check)
         if r.configured:
@@ -109,7 +111,8 @@ def _ingress_text(r: IngressReport) -> list[str]:
             kv("cert requested", "yes" if r.cert_requested else "no")
         kv("client CAs asked", "; ".join(r.client_cas) or "none")
         kv("client auth", r.client_auth)
-    kv("result", "OK" if r.ok else "FAILED")
+    result = "OK" if r.ok else "FAILED"
+    kv("result", f"{result} (warning: private CA)" if r.ok and r.private_ca else result)
     return lines
 
 

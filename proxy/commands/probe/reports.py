@@ -148,12 +148,13 @@ class IngressReport:
     client_cas: list[str] = attrs.Factory(list)
     client_cert_required: bool | None = None  # None: unknown
     client_auth: str = ""
+    private_ca: str = ""  # a warning: the chain is sound but ends at a CA outside Mozilla's
 
     @property
     def ok(self) -> bool:
         return bool(
             self.tcp_ok
-            and self.mozilla_root
+            and (self.mozilla_root or self.private_ca)
             and self.name_ok is not False
             and self.client_cert_required
         )
