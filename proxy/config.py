@@ -185,6 +185,12 @@ class ServiceConfig:
     access_log: bool = True
     log_level: str = "info"  # debug | info | warn | error
     workers: int = 1  # > 1: a supervisor and this many worker processes on shared sockets
+    max_worker_rss: int = 0  # bytes; a worker past it is replaced by a fresh one; 0 = off
+    max_worker_age: float = 0.0  # seconds; a worker older than this is replaced; 0 = off
+
+    def supervised(self) -> bool:
+        """A supervisor runs the workers: several of them, or a limit that replaces them."""
+        return self.workers > 1 or self.max_worker_rss > 0 or self.max_worker_age > 0
 
 
 @attrs.frozen
@@ -613,8 +619,11 @@ class _Loader:
         svc = root.sub("service")
         drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
         workers = d.workers
+        max_rss, max_age = d.max_worker_rss, d.max_worker_age
         if svc:
             workers = svc.get("workers", _workers, workers) or workers
+            max_rss = svc.get("max_worker_rss", parse_size, max_rss) or 0
+            max_age = svc.get("max_worker_age", parse_duration, max_age) or 0.0
             value = svc.get("drain_timeout", parse_duration, None)
             drain = drain if value is None else value  # 0: close at once on SIGTERM
             reload_s = svc.get("reload_interval", parse_duration, reload_s) or 0.0
@@ -641,6 +650,8 @@ class _Loader:
             access_log=access,
             log_level=level,
             workers=workers,
+            max_worker_rss=max_rss,
+            max_worker_age=max_age,
         )
 
 
