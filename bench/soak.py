@@ -271,6 +271,13 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="for the sidecar, e.g. MALLOC_ARENA_MAX=2 or LD_PRELOAD=...",
     )
+    ap.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="'KEY = VALUE'",
+        help="a [service] line, e.g. 'malloc_trim_interval = 0'",
+    )
     ap.add_argument("--json", type=Path, help="also write the summary and samples here")
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -287,7 +294,9 @@ def main() -> None:
     server = 'server_cert = "origin.pem"\nserver_key = "origin.key"\nclient_ca = "client-ca.pem"'
     conf = write_config(
         d / "soak.toml",
-        f"""
+        "[service]\n"
+        + "\n".join(args.service)
+        + f"""
 [admin]
 listen = "127.0.0.1:{admin}"
 [log]
@@ -427,7 +436,7 @@ def table_line(r: dict[str, float]) -> str:
 
 
 def variant_name(args: argparse.Namespace) -> str:
-    parts = list(args.env)
+    parts = list(args.env) + list(args.service)
     if args.trim:
         parts.append(f"malloc_trim every {args.trim:g}s")
     if args.no_release_buffers:

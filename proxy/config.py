@@ -187,6 +187,7 @@ class ServiceConfig:
     workers: int = 1  # > 1: a supervisor and this many worker processes on shared sockets
     max_worker_rss: int = 0  # bytes; a worker past it is replaced by a fresh one; 0 = off
     max_worker_age: float = 0.0  # seconds; a worker older than this is replaced; 0 = off
+    malloc_trim_interval: float = 10.0  # seconds between glibc malloc_trim(0) calls; 0 = off
 
     def supervised(self) -> bool:
         """A supervisor runs the workers: several of them, or a limit that replaces them."""
@@ -619,11 +620,13 @@ class _Loader:
         svc = root.sub("service")
         drain, reload_s, warn = d.drain_timeout, d.reload_interval, d.expiry_warning_days
         workers = d.workers
-        max_rss, max_age = d.max_worker_rss, d.max_worker_age
+        max_rss, max_age, trim = d.max_worker_rss, d.max_worker_age, d.malloc_trim_interval
         if svc:
             workers = svc.get("workers", _workers, workers) or workers
             max_rss = svc.get("max_worker_rss", parse_size, max_rss) or 0
             max_age = svc.get("max_worker_age", parse_duration, max_age) or 0.0
+            value = svc.get("malloc_trim_interval", parse_duration, None)
+            trim = trim if value is None else value  # 0: no trimming
             value = svc.get("drain_timeout", parse_duration, None)
             drain = drain if value is None else value  # 0: close at once on SIGTERM
             reload_s = svc.get("reload_interval", parse_duration, reload_s) or 0.0
@@ -652,6 +655,7 @@ class _Loader:
             workers=workers,
             max_worker_rss=max_rss,
             max_worker_age=max_age,
+            malloc_trim_interval=trim,
         )
 
 

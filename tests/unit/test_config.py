@@ -707,3 +707,10 @@ def test_worker_limits_are_off_by_default_and_either_one_starts_a_supervisor(
 def test_bad_worker_limit_is_named(folder: Path) -> None:
     _, findings = parse_text(folder, '[service]\nmax_worker_rss = "lots"\n' + EGRESS)
     assert only_error(findings).key == "service.max_worker_rss"
+
+
+def test_malloc_trim_is_on_every_10_s_by_default_and_0_turns_it_off(folder: Path) -> None:
+    config, _ = parse_text(folder, EGRESS)
+    assert config is not None and config.service.malloc_trim_interval == 10.0
+    config, _ = parse_text(folder, "[service]\nmalloc_trim_interval = 0\n" + EGRESS)
+    assert config is not None and config.service.malloc_trim_interval == 0.0
