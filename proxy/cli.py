@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     from proxy.ops import worker
 
-    if config.service.workers > 1 and not worker.is_worker(environ):
+    if config.service.supervised() and not worker.is_worker(environ):
         from proxy.ops.supervisor import run_supervisor
 
         raise_fd_limit()

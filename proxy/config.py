@@ -203,6 +203,13 @@ class ServiceConfig:
     log_level: str = "info"  # debug | info | warn | error
     workers: int = 1  # > 1: a supervisor and this many worker processes on shared sockets
     workers_why: str = ""  # with workers = "auto": what the number came from (logged)
+    max_worker_rss: int = 0  # bytes; a worker past it is replaced by a fresh one; 0 = off
+    max_worker_age: float = 0.0  # seconds; a worker older than this is replaced; 0 = off
+    malloc_trim_interval: float = 10.0  # seconds between glibc malloc_trim(0) calls; 0 = off
+
+    def supervised(self) -> bool:
+        """A supervisor runs the workers: several of them, or a limit that replaces them."""
+        return self.workers > 1 or self.max_worker_rss > 0 or self.max_worker_age > 0
 
 
 @attrs.frozen
@@ -765,6 +772,12 @@ class _Loader:
                 workers, workers_why = cpus.workers_auto()
             else:
                 workers = svc.get("workers", _workers, workers) or workers
+        max_rss, max_age, trim = d.max_worker_rss, d.max_worker_age, d.malloc_trim_interval
+        if svc:
+            max_rss = svc.get("max_worker_rss", parse_size, max_rss) or 0
+            max_age = svc.get("max_worker_age", parse_duration, max_age) or 0.0
+            value = svc.get("malloc_trim_interval", parse_duration, None)
+            trim = trim if value is None else value  # 0: no trimming
             value = svc.get("drain_timeout", parse_duration, None)
             drain = drain if value is None else value  # 0: close at once on SIGTERM
             reload_s = svc.get("reload_interval", parse_duration, reload_s) or 0.0
@@ -792,6 +805,9 @@ class _Loader:
             log_level=level,
             workers=workers,
             workers_why=workers_why,
+            max_worker_rss=max_rss,
+            max_worker_age=max_age,
+            malloc_trim_interval=trim,
         )
 
 

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from proxy import config as cfg
 from proxy.ops import audit, health
+from proxy.ops.heap import start_trimming
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
@@ -165,6 +166,7 @@ def _pool_states(pools: list[Pool]) -> dict[str, int]:
 # keys read once at start: a reload that changes them says so and keeps the running value
 RESTART_KEYS = {
     "service.workers": "workers",
+    "service.malloc_trim_interval": "malloc_trim_interval",
     "log.format": "log_format",
     "log.level": "log_level",
     "resolver.nameservers": "nameservers",
@@ -223,6 +225,7 @@ class Sidecar:
         self.ready = False
         self._sweeper: task.LoopingCall | None = None
         self._watcher: task.LoopingCall | None = None
+        self._trimmer: task.LoopingCall | None = None
         self._seen: dict[str, tuple[Any, ...]] = {}  # watched file -> its state when read
         self._attempted: list[Path] = []  # key material of a refused config: watched too
         self._retiring: list[_Retiring] = []  # replaced routes finishing their connections
@@ -444,6 +447,7 @@ class Sidecar:
         self._sweeper = task.LoopingCall(self._sweep)
         self._sweeper.clock = self.reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)
+        self._trimmer = start_trimming(self.reactor, self.config.service.malloc_trim_interval)
         self._start_watcher()
         self.ready = True
         if self.notifier is not None:

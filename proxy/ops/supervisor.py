@@ -53,6 +53,7 @@ from proxy.telemetry.logs import rfc3339
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
 
+RECYCLE_CHECK = 5.0  # seconds between checks of max_worker_rss / max_worker_age
 READY_TIMEOUT = 30.0  # a new worker that does not listen by then fails the generation
 CRASH_WINDOW, CRASH_LIMIT = 60.0, 5  # this many unexpected deaths in the window: give up
 CHILD_FD_BASE = 4  # 3 is the channel; listeners from 4 on
@@ -94,9 +95,10 @@ class Worker:
     process: Any = None
     ready: bool = False
     exited: bool = False
+    started: float = 0.0  # reactor time at spawn, for max_worker_age
+    recycling: bool = False  # a successor is starting for it
     became_ready: defer.Deferred[None] = attrs.field(factory=defer.Deferred)
     ended: defer.Deferred[int] = attrs.field(factory=defer.Deferred)
-    started: float = 0.0
     os_pid: int | None = None  # kept after exit: Twisted forgets a reaped process's pid
 
     @property
@@ -135,6 +137,8 @@ class Supervisor:
         self.log_level = log_level
         self.metrics = Metrics.create()
         self.restarts = _restarts_counter(self.metrics)
+        self.recycles = _recycles_counter(self.metrics)
+        self.recycler: task.LoopingCall | None = None
         self.on_stopped: Any = lambda: None
         self.sockets: dict[str, int] = {}  # listen key -> fd held by the supervisor
         self.owned: dict[str, socket.socket] = {}  # the ones it bound itself
@@ -177,8 +181,59 @@ class Supervisor:
                           g=self.generation)  # fmt: skip
             if self.notifier is not None:
                 self.notifier.ready(f"{len(self.workers)} workers")
+            service = self.config.service
+            if service.max_worker_rss or service.max_worker_age:
+                self.recycler = task.LoopingCall(self._check_limits)
+                self.recycler.clock = self.reactor
+                self.recycler.start(RECYCLE_CHECK, now=False)
 
         return d.addCallback(up)
+
+    # ---- the backstop: a worker past max_worker_rss or max_worker_age is replaced
+    def _check_limits(self) -> None:
+        if self.stopping is not None or self.reloading:
+            return
+        service = self.config.service
+        now = self.reactor.seconds()
+        for w in list(self.workers):
+            if not w.ready or w.recycling or w.exited:
+                continue
+            rss = _rss_bytes(w.pid)
+            if service.max_worker_rss and rss > service.max_worker_rss:
+                self._recycle(w, "rss", f"resident {rss >> 20} MiB over max_worker_rss "
+                                        f"{service.max_worker_rss >> 20} MiB")  # fmt: skip
+            elif service.max_worker_age and now - w.started > service.max_worker_age:
+                self._recycle(w, "age", f"running {now - w.started:.0f}s, over max_worker_age "
+                                        f"{service.max_worker_age:g}s")  # fmt: skip
+
+    def _recycle(self, old: Worker, reason: str, why: str) -> None:
+        """A successor starts on the same sockets; once it listens, the old one drains."""
+        old.recycling = True
+        fresh = self._spawn(self.config, old.index, old.generation)
+        timeout = self.reactor.callLater(READY_TIMEOUT, self._ready_timeout, [fresh])
+
+        def swap(_: object) -> None:
+            if timeout.active():
+                timeout.cancel()
+            if old not in self.workers or self.stopping is not None:
+                self._retire(fresh)
+                return
+            self.workers[self.workers.index(old)] = fresh
+            self.recycles.labels(reason).inc()
+            self.log.info("worker {i} (pid {old}) recycled: {why}; pid {new} serving",
+                          i=old.index, old=old.pid, why=why, new=fresh.pid)  # fmt: skip
+            self._retire(old)
+
+        def failed(f: Failure) -> None:
+            if timeout.active():
+                timeout.cancel()
+            old.recycling = False  # tried again at the next check
+            if not fresh.exited and fresh.process is not None:
+                fresh.process.signalProcess("KILL")
+            self.log.warn("worker {i} (pid {pid}) not recycled: its successor did not start: "
+                          "{e}", i=old.index, pid=old.pid, e=f.getErrorMessage())  # fmt: skip
+
+        fresh.became_ready.addCallbacks(swap, failed)
 
     def _open_listeners(self, config: cfg.Config) -> list[str]:
         """Bind what `config` needs and is not open yet; returns the keys opened now."""
@@ -450,6 +505,8 @@ class Supervisor:
         self.draining = True
         if self.watcher is not None and self.watcher.running:
             self.watcher.stop()
+        if self.recycler is not None and self.recycler.running:
+            self.recycler.stop()
         if self.notifier is not None:
             self.notifier.stopping()
         everyone = [w for w in [*self.workers, *self.retiring] if not w.exited]
@@ -565,6 +622,16 @@ def _restarts_counter(metrics: Metrics) -> Any:
 
     return Counter("mtls_sidecar_worker_restarts", "Workers restarted after dying.",
                    registry=metrics.registry)  # fmt: skip
+
+
+def _recycles_counter(metrics: Metrics) -> Any:
+    from prometheus_client import Counter
+
+    counter = Counter("mtls_sidecar_worker_recycles", "Workers replaced for a limit, by reason.",
+                      ["reason"], registry=metrics.registry)  # fmt: skip
+    for reason in ("rss", "age"):
+        counter.labels(reason)
+    return counter
 
 
 def _within(reactor: Any, d: defer.Deferred[Any], seconds: float) -> defer.Deferred[Any]:

@@ -26,6 +26,8 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.internet.main import CONNECTION_LOST
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -481,6 +483,25 @@ def _buffered(bio: Any) -> int:
 
 class TLSProtocol(TLSMemoryBIOProtocol):
     """Twisted's TLS over memory BIOs, with release_buffers() for connections gone idle."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Twisted's last read after TCP is gone, when nothing is left to read, can only raise
+        OpenSSL's unexpected-EOF error, which Twisted reports as ConnectionLost; the error's
+        Failure stays in a cycle with the frame that caught it, left to the cyclic collector's
+        rare full collections. The same outcome here, without the read."""
+        conn = self._tlsConnection
+        into = getattr(conn, "_into_ssl", None)
+        if (
+            not self._lostTLSConnection
+            and conn is not None
+            and _MEM_BIO_CALLS
+            and into is not None
+            and not _buffered(into)
+        ):
+            self._lostTLSConnection = True
+            if self._reason is None:
+                self._reason = Failure(CONNECTION_LOST)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def release_buffers(self) -> None:
         """Give back the memory of the two memory BIOs between OpenSSL and the socket.

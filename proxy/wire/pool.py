@@ -56,6 +56,13 @@ class ResponseSink(Interface):
 _NOTHING: frozenset[bytes] = frozenset()
 
 
+def forget_traceback(reason: Failure) -> None:
+    """Drop a failure's traceback once it is handled: its frames hold the protocols that saw it
+    (and they the failure), a cycle left to the cyclic collector's rare full collections."""
+    if reason.tb is not None or getattr(reason.value, "__traceback__", None) is not None:
+        reason.cleanFailure()
+
+
 def socket_of(transport: Any) -> Any:
     """The reactor's TCP descriptor under a transport, or None for transports no reactor drives
     (in-memory ones in tests). Looked up once per connection. Twisted's TLS wrapper copies the
@@ -103,11 +110,13 @@ class UpstreamConnection(Protocol):
         self.head_error: str | None = None
         self.raw: Any = None  # the TCP descriptor under TLS, closed with it
         self.connector: Any = None
+        self.backpressure: _Backpressure | None = None
         self.verify_error: str | None = None
         self.failure_detail: str | None = None
         self.session_offered = False  # a cached TLS session was offered to resume
         self.session_wanted = False  # TLS 1.3: keep the session once response bytes arrive
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: Any = httptools.HttpResponseParser(self)  # None once the connection is lost
+        self.feeding = False  # inside parser.feed_data: the parser must not be dropped
         self.paused: set[str] = set()
         self.status = 0
         self.keep_alive = False
@@ -120,7 +129,8 @@ class UpstreamConnection(Protocol):
         self.connected = True
         self.raw = socket_of(self.transport)
         self.pool.live.add(self)
-        self.transport.registerProducer(_Backpressure(self), True)
+        self.backpressure = _Backpressure(self)
+        self.transport.registerProducer(self.backpressure, True)
         if self.tls_name is None:
             self._ready()
 
@@ -165,6 +175,7 @@ class UpstreamConnection(Protocol):
         down = getattr(self.exchange, "down", None)  # probe attaches a bare response reader
         if down is not None:
             down.cork()
+        self.feeding = True
         try:
             self.parser.feed_data(data)
             if self.in_head and self.head_error is None:  # httptools holds a partial head
@@ -181,6 +192,9 @@ class UpstreamConnection(Protocol):
         except httptools.HttpParserError as e:
             self._protocol_error(f"invalid HTTP response from upstream: {e}")
         finally:
+            self.feeding = False
+            if not self.connected:
+                self.parser = None
             if down is not None:
                 down.uncork()
 
@@ -193,16 +207,24 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.connected = False
+        self.connector = None  # it holds our factory, which holds us
+        if self.backpressure is not None:  # registered on a TLS transport, it would hold us
+            self.backpressure.conn = None
         self.pool.forget(self)
         if self.ready is not None:
             d, self.ready = self.ready, None
             if self.session_offered:  # never let a session that ended this way be offered again
                 self.pool.drop_session()
             d.errback(self._handshake_failure(reason))
+            forget_traceback(reason)
+            self.parser = None  # nothing was parsed yet
             return
         ex, self.exchange = self.exchange, None
         if ex is not None:
             ex.upstream_lost(reason)
+        forget_traceback(reason)
+        if not self.feeding:  # else dataReceived drops it once feed_data returns
+            self.parser = None  # its callbacks are this protocol's bound methods: a cycle
 
     def _handshake_failure(self, reason: Failure) -> ProxyError:
         rejected = reason.value if isinstance(reason.value, PeerRejected) else None
@@ -308,15 +330,15 @@ class _Backpressure:
     """Registered on the upstream transport: its write buffer full -> stop reading the client."""
 
     def __init__(self, conn: UpstreamConnection) -> None:
-        self.conn = conn
+        self.conn: UpstreamConnection | None = conn  # None once the connection is lost
 
     def pauseProducing(self) -> None:
-        ex = self.conn.exchange
+        ex = self.conn.exchange if self.conn is not None else None
         if ex is not None:
             ex.upstream_full(True)
 
     def resumeProducing(self) -> None:
-        ex = self.conn.exchange
+        ex = self.conn.exchange if self.conn is not None else None
         if ex is not None:
             ex.upstream_full(False)
 
@@ -338,15 +360,21 @@ class _Factory(ClientFactory):
     noisy = False
 
     def __init__(self, conn: UpstreamConnection) -> None:
-        self.conn = conn
+        self.conn: UpstreamConnection | None = conn
 
-    def buildProtocol(self, addr: Any) -> UpstreamConnection:
-        return self.conn
+    def buildProtocol(self, addr: Any) -> UpstreamConnection | None:
+        # connected: the connector keeps this factory, the connection its transport and the
+        # transport its connector; let go of the connection so that chain holds no cycle
+        conn, self.conn = self.conn, None
+        return conn
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.conn.pool.forget(self.conn)
-        if self.conn.ready is not None:
-            d, self.conn.ready = self.conn.ready, None
+        conn = self.conn
+        if conn is None:
+            return
+        conn.pool.forget(conn)
+        if conn.ready is not None:
+            d, conn.ready = conn.ready, None
             d.errback(reason)
 
 

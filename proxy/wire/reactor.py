@@ -77,6 +77,11 @@ class EagerConnector(tcp.Connector):
         make: Any = EagerClient
         return make(self.host, self.port, self.bindAddress, self, self.reactor)  # type: ignore[no-any-return]
 
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        if self.state == "disconnected":  # not reconnecting: the transport holds us, not back
+            self.transport = None
+
 
 class SidecarReactor(EPollReactor):
     """EPollReactor whose TCP connections write eagerly and whose dispatch skips log context."""

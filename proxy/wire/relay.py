@@ -30,7 +30,7 @@ from proxy.wire.http import (
     response,
     tokens_of,
 )
-from proxy.wire.pool import UpstreamConnection, socket_of, unsent
+from proxy.wire.pool import UpstreamConnection, forget_traceback, socket_of, unsent
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -144,6 +144,7 @@ class Exchange:
 
     def _fail_failure(self, failure: Failure) -> None:
         self.waiting = None
+        forget_traceback(failure)
         if failure.check(defer.CancelledError):
             return
         if isinstance(failure.value, ProxyError):
@@ -396,7 +397,8 @@ class Exchange:
         if self.waiting is not None:
             w, self.waiting = self.waiting, None
             w.cancel()
-        self.error = err
+        # kept on the exchange: its traceback's frames would hold the exchange in a cycle
+        self.error = err = err.with_traceback(None)
         self.status = err.status
         self.response_done = True
         down = self.down
@@ -564,8 +566,10 @@ class Downstream(Protocol):
                 )
             )
             return
-        if self.exchange is None and self.current is None and not self.in_head and not self.queue:
-            self.parser = None  # answered while these bytes were parsed (see _rest)
+        if self.gone or (
+            self.exchange is None and self.current is None and not self.in_head and not self.queue
+        ):
+            self.parser = None  # answered (see _rest) or closed while these bytes were parsed
 
     def _release_held(self, refused: Exchange | None) -> None:
         """Write what exchanges held for the upstream while a read was parsed; the refused
@@ -948,7 +952,15 @@ class Downstream(Protocol):
         for queued in self.queue:
             queued.abandon()
         self.queue.clear()
+        # Nothing of the connection outlives it by a cycle (the parser's callbacks are this
+        # protocol's bound methods; the last exchange points back here): with the collector's
+        # high thresholds, cycles wait for a full collection and the heap grows in steps.
+        self.current = None
+        self.headers = []
+        if not self.parsing:  # else dataReceived drops it once feed_data returns
+            self.parser = None
         self.route.connection_closed(self, reason)
+        forget_traceback(reason)
 
 
 class DownstreamFactory(Factory):

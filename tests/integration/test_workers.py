@@ -466,3 +466,54 @@ def test_check_refuses_a_bad_worker_count(env: Env) -> None:
     assert 'service.workers: expected a number of workers from 1 to 256 or "auto", got 0' in (
         out.stdout
     )
+
+
+def test_worker_over_max_worker_rss_is_recycled_with_no_failed_request(env: Env) -> None:
+    # one worker, a limit every worker is over (~50 MB resident): a supervisor is started for it
+    setup = env.config("rss", 1)
+    setup.conf.write_text(
+        setup.conf.read_text().replace(
+            "drain_timeout = 10", 'drain_timeout = 10\nmax_worker_rss = "20MiB"'
+        )
+    )
+    setup.start()
+    stop = threading.Event()
+    outcomes: list[int] = []
+
+    def traffic() -> None:
+        while not stop.is_set():
+            outcomes.append(setup.egress())
+            outcomes.append(setup.ingress())
+
+    try:
+        assert setup.sidecar.proc is not None
+        (old,) = setup.pids()
+        assert old != setup.sidecar.proc.pid
+        zero = setup.metric("mtls_sidecar_worker_recycles_total", reason="age")
+        threads = [threading.Thread(target=traffic) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and setup.pids() == [old]:
+            time.sleep(0.2)
+        (new,) = setup.pids()
+        served_by_new = setup.egress()
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        recycled = setup.metric("mtls_sidecar_worker_recycles_total", reason="rss")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{old}"):
+            time.sleep(0.1)
+        old_gone = not os.path.exists(f"/proc/{old}")
+    finally:
+        stop.set()
+        setup.sidecar.stop()
+    assert new != old and served_by_new == 200
+    assert [v for _, v in zero] == [0.0]  # every reason exported from the start
+    assert recycled and recycled[0][1] >= 1.0
+    assert len(outcomes) > 20 and set(outcomes) == {200}, [o for o in outcomes if o != 200]
+    assert old_gone
+    log = setup.sidecar.log()
+    assert f"(pid {old}) recycled: resident" in log and "over max_worker_rss 20 MiB" in log

@@ -776,3 +776,30 @@ def test_relative_unix_socket_path_resolves_against_the_config_folder(folder: Pa
     assert config is not None
     (route,) = config.routes()
     assert route.listen == Listen("unix", path=str(folder / "run" / "d1.sock"))
+
+
+def test_worker_limits_are_off_by_default_and_either_one_starts_a_supervisor(
+    folder: Path,
+) -> None:
+    config, _ = parse_text(folder, EGRESS)
+    assert config is not None
+    assert (config.service.max_worker_rss, config.service.max_worker_age) == (0, 0.0)
+    assert not config.service.supervised()
+    for line, rss, age in (('max_worker_rss = "300MiB"', 300 << 20, 0.0),
+                           ("max_worker_age = 86400", 0, 86400.0)):  # fmt: skip
+        config, findings = parse_text(folder, f"[service]\n{line}\n" + EGRESS)
+        assert findings == [] and config is not None
+        assert (config.service.max_worker_rss, config.service.max_worker_age) == (rss, age)
+        assert config.service.workers == 1 and config.service.supervised()
+
+
+def test_bad_worker_limit_is_named(folder: Path) -> None:
+    _, findings = parse_text(folder, '[service]\nmax_worker_rss = "lots"\n' + EGRESS)
+    assert only_error(findings).key == "service.max_worker_rss"
+
+
+def test_malloc_trim_is_on_every_10_s_by_default_and_0_turns_it_off(folder: Path) -> None:
+    config, _ = parse_text(folder, EGRESS)
+    assert config is not None and config.service.malloc_trim_interval == 10.0
+    config, _ = parse_text(folder, "[service]\nmalloc_trim_interval = 0\n" + EGRESS)
+    assert config is not None and config.service.malloc_trim_interval == 0.0

@@ -194,3 +194,35 @@ def test_idle_connections_give_back_what_a_large_exchange_grew(
     # the server's BIOs grew to the largest write and the largest read (about 360 KiB here);
     # with the buffers kept, nothing would come back
     assert per_connection >= BIG / 2, f"{per_connection / 1024:.1f} KiB per connection"
+
+
+class Ended(Collect):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason: Any = None
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.reason = reason
+
+
+def test_a_peer_gone_without_close_notify_is_connection_lost_and_leaves_no_cycle(
+    ctxs: tuple[SSL.Context, SSL.Context],
+) -> None:
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    pair = Pair(*ctxs)
+    app = Ended()
+    pair.server.wrappedProtocol = app
+    app.makeConnection(pair.server)
+    pair.exchange(b"ping", b"pong")
+    gc.collect()
+    gc.disable()
+    try:
+        pair.server.connectionLost(Failure(error.ConnectionDone()))
+        # Twisted's verdict on a TCP close without the peer's close_notify, kept as it was
+        assert app.reason is not None and app.reason.check(error.ConnectionLost)
+        # ...without the EOF error's Failure left in a cycle with the frame that caught it
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
