@@ -28,6 +28,7 @@ from proxy.tls import pki
 from proxy.wire.pool import Pool
 from proxy.wire.relay import DownstreamFactory
 from proxy.wire.resolver import DNSResolver
+from proxy.wire.tunnel import ProxyHop, hop_for, proxy_auth
 
 SWEEP_INTERVAL = 0.25
 
@@ -69,6 +70,7 @@ class _Plan:
     material: list[tuple[RouteState, Any]] = attrs.Factory(list)  # new TLS of the kept routes
     upstream: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = attrs.Factory(list)
     shared: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = attrs.Factory(list)
+    proxy_auth: list[tuple[ProxyHop, bytes | None]] = attrs.Factory(list)  # re-read credentials
     takeover: list[tuple[RouteState, RouteState]] = attrs.Factory(list)  # (new, old) same listen
     opened: list[tuple[RouteState, Any]] = attrs.Factory(list)  # (new, port opened for it)
     closing: list[RouteState] = attrs.Factory(list)  # old routes whose listen is gone
@@ -82,6 +84,8 @@ def adopted_key(where: cfg.Listen) -> str:
 def key_material_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
     if isinstance(route, cfg.EgressRoute):
         paths = [route.client_cert, route.client_key, route.trust]
+        if route.proxy:
+            paths.append(route.proxy.auth_file)
         if route.oauth:
             paths.append(route.oauth.signing_key)
     else:
@@ -237,7 +241,8 @@ class Sidecar:
         self._record_expiry()
 
     def _pool(self, name: str, up: cfg.Upstream, client_tls: tls.ClientTLS | None,
-              r: cfg.EgressRoute | cfg.IngressRoute) -> Pool:  # fmt: skip
+              r: cfg.EgressRoute | cfg.IngressRoute, hop: ProxyHop | None = None,
+              ) -> Pool:  # fmt: skip
         handshakes = self.metrics.handshake_errors
         pool = Pool(
             reactor=self.reactor,
@@ -256,6 +261,7 @@ class Sidecar:
             on_connect=lambda result: self._connected(name, result),
             on_handshake_error=lambda detail: handshakes.labels(name, _reason_label(detail)).inc(),
             on_handshake=lambda kind: self.metrics.upstream_tls_handshakes.labels(name, kind).inc(),
+            proxy=hop,
         )
         self._watch_pool(name, pool)
         return pool
@@ -288,7 +294,8 @@ class Sidecar:
             shared.append((client, material))
         else:
             client = tls.ClientTLS(material, rc.server_name or rc.upstream.host)
-        pool = self._pool(rc.name, rc.upstream, client, rc)
+        hop = hop_for(rc.proxy)
+        pool = self._pool(rc.name, rc.upstream, client, rc, hop)
         token_source = None
         carried = getattr(prev.route, "token_source", None) if prev and reused else None
         if (
@@ -306,7 +313,7 @@ class Sidecar:
             if self.remote_tokens is not None:
                 token_source = self.remote_tokens(rc.name)
             else:
-                token_source = egress_token_source(self.reactor, self.metrics, rc, client)
+                token_source = egress_token_source(self.reactor, self.metrics, rc, client, hop)
         route = Egress(
             rc,
             token_source=token_source,
@@ -629,6 +636,9 @@ class Sidecar:
     def _reread_material(self, state: RouteState, plan: _Plan) -> None:
         if isinstance(state.config, cfg.EgressRoute):
             plan.material.append((state, tls.build_client_material(state.config)))
+            hop = state.route.pool.proxy
+            if hop is not None and state.config.proxy is not None:
+                plan.proxy_auth.append((hop, proxy_auth(state.config.proxy)))
         else:
             plan.material.append((state, tls.build_server_material(state.config)))
             if state.client_tls is not None:  # an https internal upstream
@@ -691,6 +701,8 @@ class Sidecar:
                     state.route.peers.clear()  # a new client_ca may verify other chains
         for client, upstream_material in plan.upstream + plan.shared:
             client.material = upstream_material
+        for hop, authorization in plan.proxy_auth:  # new connections send the new credentials
+            hop.authorization = authorization
         # listeners: taken over, opened, closed
         for state, prev in plan.takeover:
             port = self._release_listener(prev)
