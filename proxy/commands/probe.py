@@ -38,6 +38,7 @@ from proxy.tls import pki
 from proxy.wire.http import ProxyError
 from proxy.wire.pool import Pool, UpstreamConnection
 from proxy.wire.resolver import DNSResolver, resolve
+from proxy.wire.tunnel import ProxyHop, hop_for
 
 if TYPE_CHECKING:
     pass
@@ -101,6 +102,7 @@ class AddressReport:
     client_cert_accepted: bool | None = None  # None: unknown
     client_cert: str = ""
     http_status: int | None = None
+    proxy_answer: str = ""  # through a forward proxy: its answer to our CONNECT
 
     @property
     def ok(self) -> bool:
@@ -136,6 +138,7 @@ class RouteReport:
     dns: DNSReport | None = None
     addresses: list[AddressReport] = attrs.Factory(list)
     oauth: OAuthReport | None = None
+    proxy: str | None = None  # the forward proxy's URL; the addresses are then the proxy's
 
     @property
     def ok(self) -> bool:
@@ -282,9 +285,11 @@ class _Prober:
             tls_name,
             rc.profile,
             str(rc.trust) if rc.trust else "Mozilla bundle (certifi)",
+            proxy=str(rc.proxy) if rc.proxy else None,
         )
         try:
             material = tls.build_client_material(rc)
+            hop = hop_for(rc.proxy)
         except tls.MaterialError as e:
             report.error = str(e)
             return report
@@ -302,7 +307,7 @@ class _Prober:
         report.addresses = list(
             await defer.gatherResults(
                 [
-                    defer.ensureDeferred(self._dial(rc, material, tls_name, a, requests))
+                    defer.ensureDeferred(self._dial(rc, material, tls_name, a, requests, hop))
                     for a in addresses
                 ]
             )
@@ -312,9 +317,14 @@ class _Prober:
         return report
 
     async def _resolve(self, rc: cfg.EgressRoute) -> tuple[DNSReport, list[str]]:
+        """The upstream's addresses; through a forward proxy, the proxy's (it resolves the
+        upstream's name itself)."""
         host, port = rc.upstream.host, rc.upstream.port
+        if rc.proxy is not None:
+            host, port = rc.proxy.host, rc.proxy.port
         if isIPAddress(host) or isIPv6Address(host):
-            return DNSReport("", [(host, None)], note="the upstream is an IP address"), [host]
+            what = "the proxy" if rc.proxy is not None else "the upstream"
+            return DNSReport("", [(host, None)], note=f"{what} is an IP address"), [host]
         started = self.reactor.seconds()
         if self.dns is not None:
             servers = ", ".join(f"{h}:{p}" for h, p in self.config.service.nameservers)
@@ -343,15 +353,20 @@ class _Prober:
         tls_name: str,
         address: str,
         requests: _CertRequests,
+        hop: ProxyHop | None = None,
     ) -> AddressReport:
-        report = AddressReport(address, rc.upstream.port)
+        report = AddressReport(address, rc.upstream.port if hop is None else hop.port)
         creator = _WatchedTLS(material, tls_name, self.reactor)
+        if hop is not None:  # this one address of the proxy; the upstream's name in CONNECT
+            hop = ProxyHop(address, hop.port, hop.authorization)
+            hop.url = str(rc.proxy)
         pool = Pool(
             reactor=self.reactor,
             clock=self.reactor,
             resolver=self.resolver,  # not asked: the host is this one address
-            host=address,
+            host=address if hop is None else rc.upstream.host,
             port=rc.upstream.port,
+            proxy=hop,
             tls=creator,
             connect_timeout=rc.timeouts.connect,
             idle_timeout=rc.timeouts.pool_idle,
@@ -366,8 +381,14 @@ class _Prober:
             try:
                 conn = await defer.maybeDeferred(pool.acquire)
             except ProxyError as e:
+                if e.code in ("proxy_refused", "bad_gateway", "proxy_unreachable"):
+                    _proxy_failed(report, e, self._ms(started))
+                    return report
                 self._failed(report, creator, e, started, tls_name, requests, rc.timeouts.connect)
+                if hop is not None and creator.connection is not None:
+                    report.proxy_answer = _tunnel_answer(_upstream_of(creator.connection))
                 return report
+            report.proxy_answer = _tunnel_answer(conn)
             self._handshake_facts(report, creator, started, requests, completed=True)
             report.verified = True
             report.verification = f"verified against trust; name {tls_name} matches"
@@ -550,6 +571,25 @@ class _Prober:
         report.ok = True
         report.expires_in = round(left) if left is not None else None
         return report
+
+
+def _tunnel_answer(conn: Any) -> str:
+    """The forward proxy's answer to the CONNECT of a connection made through one."""
+    tunnel = getattr(getattr(conn, "connector", None), "tunnel", None)
+    return str(tunnel.answer) if tunnel is not None else ""
+
+
+def _proxy_failed(report: AddressReport, e: ProxyError, ms: float) -> None:
+    """The forward proxy refused the tunnel, or could not be reached."""
+    report.tcp_ms = ms
+    if e.code == "proxy_unreachable":
+        report.tcp = e.detail.rsplit(": ", 1)[-1]
+        return
+    report.tcp_ok = True
+    report.tcp = "connected to the proxy"
+    report.proxy_answer = e.detail
+    report.verification = "not reached: no tunnel"
+    report.client_cert = "client certificate not tested: no tunnel"
 
 
 def _upstream_of(conn: SSL.Connection) -> UpstreamConnection | None:
@@ -911,6 +951,7 @@ def _as_json(config: cfg.Config, reports: Sequence[RouteReport | IngressReport])
                 "trust": r.trust,
                 "client_certificate": r.client_certificate,
                 "error": r.error or None,
+                "proxy": r.proxy,
                 "dns": dns,
                 "addresses": [address(a) for a in r.addresses],
                 "oauth": plain(r.oauth) if r.oauth is not None else None,
@@ -1000,12 +1041,15 @@ def _text(reports: Sequence[RouteReport | IngressReport]) -> str:
                 "client certificate",
                 f"{own['subject']} ({own['key']}), not after {own['not_after']}",
             )
+        if r.proxy:
+            kv(2, "proxy", f"{r.proxy}: CONNECT by name, the proxy resolves the upstream")
         if r.error:
             kv(2, "error", r.error)
         if r.dns is not None:
             d = r.dns
             took = f" in {d.ms:g} ms" if d.ms is not None else ""
-            kv(2, "DNS", f"resolver {d.resolver}{took}" if d.resolver else "not asked")
+            dns = "proxy DNS" if r.proxy else "DNS"
+            kv(2, dns, f"resolver {d.resolver}{took}" if d.resolver else "not asked")
             for addr, ttl in d.answers:
                 kv(4, "answer", f"{addr} ({f'TTL {ttl} s' if ttl is not None else d.note})")
             if d.error:
@@ -1013,10 +1057,14 @@ def _text(reports: Sequence[RouteReport | IngressReport]) -> str:
             elif d.note and not d.answers:
                 kv(4, "note", d.note)
         for a in r.addresses:
-            lines.append(f"  {a.address}:{a.port}")
+            lines.append(f"  {a.address}:{a.port}" + (" (proxy)" if r.proxy else ""))
             tcp = a.tcp + (f" in {a.tcp_ms:g} ms" if a.tcp_ms is not None else "")
             kv(4, "TCP", tcp)
-            if not a.tcp_ok:
+            if a.proxy_answer:
+                kv(4, "CONNECT", a.proxy_answer)
+            if not a.tcp_ok or (r.proxy and a.verified is None and not a.tls_version):
+                if a.tcp_ok:
+                    kv(4, "client auth", a.client_cert)
                 continue
             if a.tls_version and a.cipher:
                 hs = (

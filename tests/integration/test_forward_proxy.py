@@ -25,6 +25,7 @@ import pytest
 
 from tests.harness import (
     PEERS,
+    SIDECAR,
     Nginx,
     Peer,
     Sidecar,
@@ -347,3 +348,31 @@ def test_a_tunnel_closed_mid_handshake_says_so_and_names_the_proxy(env: Env) -> 
     assert fake.requests and fake.requests[0].startswith(
         f"CONNECT {env.name}:{env.origin_port} HTTP/1.1\r\nHost: {env.name}:".encode()
     )
+
+
+def probe(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SIDECAR, "probe", "-c", str(conf), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_probe_shows_the_proxy_hop_and_its_answer(env: Env) -> None:
+    proxy = env.tinyproxy("probe")
+    refusing = env.tinyproxy("probe-refusing", 1)
+    good, _ = env.sidecar("probe-ok", f"http://127.0.0.1:{proxy.port}")
+    bad, _ = env.sidecar("probe-403", f"http://127.0.0.1:{refusing.port}")
+    with running(proxy, refusing):
+        ok = probe(good.config)
+        refused = probe(bad.config, "--json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"proxy:               http://127.0.0.1:{proxy.port}: CONNECT by name" in ok.stdout
+    assert f"127.0.0.1:{proxy.port} (proxy)" in ok.stdout
+    assert re.search(r"CONNECT:\s+HTTP/1\.[01] 200 Connection established", ok.stdout), ok.stdout
+    assert "client certificate accepted: GET / answered HTTP 200" in ok.stdout
+    assert f"CONNECT {env.name}:{env.origin_port} HTTP/1.1" in proxy.connects()
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    route = json.loads(refused.stdout)["routes"][0]
+    assert route["proxy"] == f"http://127.0.0.1:{refusing.port}"
+    (address,) = route["addresses"]
+    assert address["tcp_ok"] is True and address["ok"] is False
+    assert re.search(r"refused CONNECT \S+: HTTP/1\.[01] 403 ", address["proxy_answer"])
