@@ -276,10 +276,13 @@ class Sidecar:
 
     def _build_egress(self, rc: cfg.EgressRoute, prev: RouteState | None = None,
                       shared: list[tuple[tls.ClientTLS, tls.ClientMaterial]] | None = None,
+                      proxy_auth: list[tuple[ProxyHop, bytes | None]] | None = None,
                       ) -> RouteState:  # fmt: skip
         """prev: the running route of that name a reload replaces. When its client TLS is made
         of the same files the new route shares it (the new material goes in at the swap, via
-        `shared`), and with the same [oauth] its token source: no new token fetch."""
+        `shared`), and with the same [oauth] its token source: no new token fetch. With the
+        same proxy it shares the proxy hop too (credentials re-read, in at the swap via
+        `proxy_auth`), so a carried token source sends what the pool sends."""
         material = tls.build_client_material(rc)
         reused = (
             prev.client_tls
@@ -295,6 +298,17 @@ class Sidecar:
         else:
             client = tls.ClientTLS(material, rc.server_name or rc.upstream.host)
         hop = hop_for(rc.proxy)
+        kept_hop = prev.route.pool.proxy if prev is not None else None
+        if (
+            hop is not None
+            and kept_hop is not None
+            and proxy_auth is not None
+            and prev is not None
+            and isinstance(prev.config, cfg.EgressRoute)
+            and prev.config.proxy == rc.proxy
+        ):
+            proxy_auth.append((kept_hop, hop.authorization))
+            hop = kept_hop
         pool = self._pool(rc.name, rc.upstream, client, rc, hop)
         token_source = None
         carried = getattr(prev.route, "token_source", None) if prev and reused else None
@@ -304,6 +318,8 @@ class Sidecar:
             and prev is not None
             and prev.config.oauth == rc.oauth
             and prev.config.timeouts.connect == rc.timeouts.connect
+            and isinstance(prev.config, cfg.EgressRoute)
+            and prev.config.proxy == rc.proxy  # the token call goes through the route's proxy
             and prev.oauth_files == _signature(_oauth_paths(rc))
         ):
             token_source = carried  # fetched over the same client TLS with the same key
@@ -619,7 +635,7 @@ class Sidecar:
                     plan.kept.append(prev)
                     continue
                 if isinstance(rc, cfg.EgressRoute):
-                    state = self._build_egress(rc, prev, plan.shared)
+                    state = self._build_egress(rc, prev, plan.shared, plan.proxy_auth)
                 else:
                     state = self._build_ingress(rc)
             except Exception as e:

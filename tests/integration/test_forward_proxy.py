@@ -121,7 +121,7 @@ class Env:
         ).start()
 
     def sidecar(
-        self, tag: str, proxy: str, extra: str = "", oauth: str = ""
+        self, tag: str, proxy: str, extra: str = "", oauth: str = "", admin: int = 0
     ) -> tuple[Sidecar, int]:
         port = free_port()
         conf = write_config(
@@ -129,6 +129,7 @@ class Env:
             f"""
             [service]
             reload_interval = 0.2
+            {f'[admin]{chr(10)}listen = "127.0.0.1:{admin}"' if admin else ""}
             [[egress]]
             name = "{tag}"
             listen = "127.0.0.1:{port}"
@@ -269,9 +270,14 @@ def test_proxy_authentication_407_without_credentials_and_200_with_them(env: Env
 
 def test_a_port_the_proxy_does_not_allow_is_refused_with_its_status_line(env: Env) -> None:
     proxy = env.tinyproxy("ports", 1)  # CONNECT allowed to port 1 only
-    sidecar, port = env.sidecar("ports", f"http://127.0.0.1:{proxy.port}")
-    with running(proxy, sidecar.start([("127.0.0.1", port)])):
+    admin = free_port()
+    sidecar, port = env.sidecar("ports", f"http://127.0.0.1:{proxy.port}", admin=admin)
+    with running(proxy, sidecar.start([("127.0.0.1", port), ("127.0.0.1", admin)])):
         r = curl(f"http://127.0.0.1:{port}/v1/x")
+        scrape = curl(f"http://127.0.0.1:{admin}/metrics").body.decode()
+    assert 'mtls_sidecar_upstream_connects_total{result="proxy_refused",route="ports"} 1.0' in (
+        scrape
+    )
     assert r.status == 502, r.body
     err = error_of(r.body)
     assert err["error"] == "proxy_refused" and err["route"] == "ports"
@@ -279,10 +285,14 @@ def test_a_port_the_proxy_does_not_allow_is_refused_with_its_status_line(env: En
 
 
 def test_a_proxy_that_is_down_is_proxy_unreachable(env: Env) -> None:
-    dead = free_port()
-    sidecar, port = env.sidecar("down", f"http://127.0.0.1:{dead}")
-    with running(sidecar.start([("127.0.0.1", port)])):
+    dead, admin = free_port(), free_port()
+    sidecar, port = env.sidecar("down", f"http://127.0.0.1:{dead}", admin=admin)
+    with running(sidecar.start([("127.0.0.1", port), ("127.0.0.1", admin)])):
         r = curl(f"http://127.0.0.1:{port}/v1/x")
+        scrape = curl(f"http://127.0.0.1:{admin}/metrics").body.decode()
+    assert 'mtls_sidecar_upstream_connects_total{result="proxy_unreachable",route="down"} 1.0' in (
+        scrape
+    )
     assert r.status == 502, r.body
     err = error_of(r.body)
     assert err["error"] == "proxy_unreachable"
@@ -335,9 +345,11 @@ class _CuttingProxy:
 def test_a_tunnel_closed_mid_handshake_says_so_and_names_the_proxy(env: Env) -> None:
     fake = _CuttingProxy(env.origin_port, cut=100)
     try:
-        sidecar, port = env.sidecar("cut", f"http://127.0.0.1:{fake.port}")
-        with running(sidecar.start([("127.0.0.1", port)])):
+        admin = free_port()
+        sidecar, port = env.sidecar("cut", f"http://127.0.0.1:{fake.port}", admin=admin)
+        with running(sidecar.start([("127.0.0.1", port), ("127.0.0.1", admin)])):
             r = curl(f"http://127.0.0.1:{port}/v1/x")
+            scrape = curl(f"http://127.0.0.1:{admin}/metrics").body.decode()
     finally:
         fake.close()
     assert r.status == 502, r.body
@@ -345,6 +357,9 @@ def test_a_tunnel_closed_mid_handshake_says_so_and_names_the_proxy(env: Env) -> 
     assert err["error"] == "upstream_tls_failed"
     assert err["detail"].startswith("connection closed during the TLS handshake"), err["detail"]
     assert f"through proxy http://127.0.0.1:{fake.port}" in err["detail"]
+    assert re.search(
+        r'mtls_sidecar_tls_handshake_errors_total\{reason="[a-z_]+",route="cut"\} 1\.0', scrape
+    )
     assert fake.requests and fake.requests[0].startswith(
         f"CONNECT {env.name}:{env.origin_port} HTTP/1.1\r\nHost: {env.name}:".encode()
     )

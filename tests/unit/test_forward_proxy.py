@@ -425,3 +425,44 @@ def test_token_endpoint_proxy_down_is_proxy_unreachable() -> None:
     assert isinstance(f.value, TunnelError) and f.value.code == "proxy_unreachable"
     assert f.value.detail == "cannot connect to proxy http://proxy.corp:3128: connection refused"
     assert not clock.getDelayedCalls()
+
+
+# --------------------------------------------------------------------------- reload
+def _basic(text: str) -> bytes:
+    return b"Basic " + base64.b64encode(text.encode())
+
+
+def test_reload_rereads_the_credentials_and_a_bad_file_keeps_the_old(tmp_path: Path) -> None:
+    from tests.unit.test_service_reload import egress, running, write
+
+    d = _reload_material(tmp_path)
+    proxy = 'proxy = "http://127.0.0.1:3128"\nproxy_auth_file = "proxy-auth"'
+    (d / "proxy-auth").write_text("merchant:one\n")
+    sidecar, _, _ = running(d, egress("out", 18101, proxy))
+    hop = sidecar.routes[0].route.pool.proxy
+    assert hop is not None and hop.authorization == _basic("merchant:one")
+    (d / "proxy-auth").write_text("merchant:two\n")
+    assert sidecar.reload()
+    assert sidecar.routes[0].route.pool.proxy is hop and hop.authorization == _basic("merchant:two")
+    (d / "proxy-auth").write_text("no-colon\n")
+    assert not sidecar.reload()  # refused: the running credentials stay
+    assert hop.authorization == _basic("merchant:two")
+    # a rebuilt route (another key changed) with the same proxy keeps the hop its token
+    # source may hold, with the credentials read anew
+    (d / "proxy-auth").write_text("merchant:three\n")
+    write(d, egress("out", 18101, proxy + "\nmax_connection_age = 30"))
+    assert sidecar.reload()
+    rebuilt = sidecar.routes[0].route
+    assert rebuilt.config.max_connection_age == 30 and rebuilt.pool.proxy is hop
+    assert hop.authorization == _basic("merchant:three")
+
+
+def _reload_material(tmp_path: Path) -> Path:
+    from proxy.tls.throwaway import make_ca, write_ca
+    from tests.unit.test_service_reload import D1_SUBJECT
+
+    server_ca = make_ca("C=FR,O=Merchant PKI,CN=Root")
+    client_ca = make_ca("C=FR,O=Thales-like,CN=Client CA")
+    write_ca(server_ca, tmp_path / "server-ca.pem")
+    client_ca.issue(D1_SUBJECT, client=True).write(tmp_path, "client")
+    return tmp_path
