@@ -189,9 +189,11 @@ def test_requests_tunnel_by_name_and_each_new_connection_is_a_new_connect(env: E
         socket.getaddrinfo(env.name, None)
         if env.name == NAME:
             pytest.fail(f"{NAME} resolves on this host; the test needs it not to")
-    proxy = env.tinyproxy("plain")
-    sidecar, port = env.sidecar("plain", f"http://127.0.0.1:{proxy.port}", "max_connection_age = 1")
-    with running(proxy, sidecar.start([("127.0.0.1", port)])):
+    proxy, admin = env.tinyproxy("plain"), free_port()
+    sidecar, port = env.sidecar(
+        "plain", f"http://127.0.0.1:{proxy.port}", "max_connection_age = 1", admin=admin
+    )
+    with running(proxy, sidecar.start([("127.0.0.1", port), ("127.0.0.1", admin)])):
         first = curl(f"http://127.0.0.1:{port}/v1/a")
         second = curl(f"http://127.0.0.1:{port}/v1/b")
         assert first.status == 200, first.body
@@ -205,7 +207,30 @@ def test_requests_tunnel_by_name_and_each_new_connection_is_a_new_connect(env: E
         third = curl(f"http://127.0.0.1:{port}/v1/c")
         assert third.status == 200, third.body
         assert proxy.connects() == [target, target]
-        assert "127.0.0.1:" + str(env.origin_port) not in "".join(proxy.connects())
+        scrape = curl(f"http://127.0.0.1:{admin}/metrics").body.decode()
+    # the second tunnel resumed the first one's TLS session, as without a proxy
+    for kind in ("full", "resumed"):
+        line = f'mtls_sidecar_upstream_tls_handshakes_total{{kind="{kind}",route="plain"}} 1.0'
+        assert line in scrape
+    access = [json.loads(x) for x in sidecar.log().splitlines() if '"access"' in x]
+    assert access[0]["upstream"].startswith(f"{env.name}:{env.origin_port} via 127.0.0.1:")
+    assert "127.0.0.1:" + str(env.origin_port) not in "".join(proxy.connects())
+
+
+def test_the_name_is_checked_through_the_tunnel(env: Env) -> None:
+    proxy = env.tinyproxy("names")
+    # the tunnel goes to the origin, whose certificate does not name "other.test"
+    sidecar, port = env.sidecar(
+        "names", f"http://127.0.0.1:{proxy.port}", 'server_name = "other.test"'
+    )
+    with running(proxy, sidecar.start([("127.0.0.1", port)])):
+        r = curl(f"http://127.0.0.1:{port}/v1/x")
+    assert r.status == 502, r.body
+    err = error_of(r.body)
+    assert err["error"] == "upstream_tls_failed"
+    assert err["detail"].startswith("hostname mismatch: certificate is for ")
+    assert "not other.test through proxy http://127.0.0.1:" in err["detail"]
+    assert proxy.connects() == [f"CONNECT {env.name}:{env.origin_port} HTTP/1.1"]
 
 
 def test_the_token_request_goes_through_the_same_proxy(env: Env, tmp_path: Path) -> None:
