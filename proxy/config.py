@@ -87,6 +87,19 @@ class Upstream:
 
 
 @attrs.frozen
+class ForwardProxy:
+    """An HTTP forward proxy an egress route tunnels through (CONNECT host:port by name)."""
+
+    host: str
+    port: int
+    auth_file: Path | None = None  # "user:password": Proxy-Authorization: Basic
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+@attrs.frozen
 class Limits:
     max_header_bytes: int = 32 * 1024
     max_headers: int = 100
@@ -138,6 +151,7 @@ class EgressRoute:
     timeouts: Timeouts = Timeouts()
     pool_max_idle: int = 64
     oauth: EgressOAuth | None = None
+    proxy: ForwardProxy | None = None
     direction: str = "egress"
 
 
@@ -335,6 +349,34 @@ def parse_upstream(value: object, schemes: tuple[str, ...]) -> Upstream:
     except ValueError as e:
         raise _Bad(str(e)) from None
     return Upstream(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
+def parse_proxy_url(value: object) -> tuple[str, int]:
+    """A forward proxy's URL: http://host:port, nothing else (credentials go in a file)."""
+    if not isinstance(value, str):
+        raise _Bad(f"expected a URL like 'http://proxy.corp:3128', got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme != "http":
+        raise _Bad(
+            f"scheme must be http (the CONNECT request to the proxy is plain HTTP; the tunnel "
+            f"through it carries our TLS), got {value!r}"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise _Bad("no credentials in the URL: put 'user:password' in proxy_auth_file")
+    if not parts.hostname:
+        raise _Bad(f"no host in {value!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise _Bad(f"no path, query or fragment allowed in the proxy URL, got {value!r}")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    if not port:
+        raise _Bad(
+            f"give the proxy's port, e.g. 'http://{parts.hostname}:3128': proxies listen on "
+            "3128, 8080 or 8888 and no default is safe to guess"
+        )
+    return parts.hostname, port
 
 
 # --------------------------------------------------------------------------- table reader
@@ -576,12 +618,15 @@ class _Loader:
             r.error("max_connection_age", "must be greater than 0")
         pool_max_idle = r.get("pool_max_idle", _int, 64)
         limits, timeouts = self.limits(r), self.timeouts(r, tls_clients=False)
+        forward, forward_ok = self.forward_proxy(r)
         oauth = None
         o = r.sub("oauth")
         if o is not None:
             oauth = self.egress_oauth(o)
         r.finish()
         if None in (name, listen, upstream, cert, key) or (o is not None and oauth is None):
+            return None
+        if not forward_ok:
             return None
         assert name and listen and upstream and cert and key
         return EgressRoute(
@@ -599,7 +644,21 @@ class _Loader:
             timeouts=timeouts,
             pool_max_idle=pool_max_idle if pool_max_idle is not None else 64,
             oauth=oauth,
+            proxy=forward,
         )
+
+    def forward_proxy(self, r: _Reader) -> tuple[ForwardProxy | None, bool]:
+        """`proxy` and `proxy_auth_file`, and whether both are good."""
+        where = r.get("proxy", parse_proxy_url)
+        auth = r.get("proxy_auth_file", self.file)
+        if "proxy_auth_file" in r.table and "proxy" not in r.table:
+            r.error("proxy_auth_file", "set without proxy: there is no proxy to authenticate to")
+            return None, False
+        if where is None:
+            return None, "proxy" not in r.table and "proxy_auth_file" not in r.table
+        if "proxy_auth_file" in r.table and auth is None:
+            return None, False
+        return ForwardProxy(where[0], where[1], auth), True
 
     def egress_oauth(self, r: _Reader) -> EgressOAuth | None:
         token_url = r.require("token_url", _str)

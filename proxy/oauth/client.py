@@ -40,7 +40,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from proxy.telemetry.metrics import Metrics
@@ -791,12 +797,17 @@ class AgentFetcher:
         timeout: float = 10.0,
         connect_timeout: float | None = None,
         max_body: int = MAX_TOKEN_RESPONSE,
+        endpoints: IAgentEndpointFactory | None = None,
     ) -> None:
         self._reactor_time: IReactorTime = reactor
         self._url = url.encode("ascii")
         self._timeout = timeout
         self._max_body = max_body
         pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+        if endpoints is not None:  # e.g. through a forward proxy
+            using = Agent.usingEndpointFactory
+            self._agent = using(reactor, endpoints, pool=pool)  # type: ignore[no-untyped-call]
+            return
         self._agent = Agent(  # type: ignore[no-untyped-call]
             reactor,
             contextFactory=policy,

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.python.failure import Failure
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.client import URI
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from proxy import config as cfg
@@ -15,6 +17,7 @@ from proxy.oauth import server
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
 from proxy.wire.http import ProxyError, RequestHead
+from proxy.wire.tunnel import ProxyHop, TunnelEndpoint, hop_for
 
 
 @implementer(IPolicyForHTTPS)
@@ -26,6 +29,23 @@ class _RoutePolicy:
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> tls.ClientTLS:
         return tls.ClientTLS(self.client.material, hostname.decode("idna"))
+
+
+@implementer(IAgentEndpointFactory)
+class _ThroughProxy:
+    """The token call through the route's forward proxy: CONNECT to the token host by name."""
+
+    def __init__(self, reactor: Any, hop: ProxyHop, policy: _RoutePolicy, timeout: float) -> None:
+        self.reactor, self.hop, self.policy, self.timeout = reactor, hop, policy, timeout
+
+    def endpointForURI(self, uri: URI) -> TunnelEndpoint:
+        # the proxy's name is resolved on every connect (HostnameEndpoint asks each time)
+        to_proxy = HostnameEndpoint(self.reactor, self.hop.host, self.hop.port, self.timeout)
+        host = uri.host.decode("idna")
+        creator = self.policy.creatorForNetloc(uri.host, uri.port)
+        return TunnelEndpoint(
+            self.reactor, to_proxy, self.hop, host, uri.port, creator, self.timeout
+        )
 
 
 class EgressToken:
@@ -66,8 +86,14 @@ def signing_key(o: cfg.EgressOAuth) -> Any:
 
 
 def egress_token_source(
-    reactor: Any, metrics: Metrics, rc: cfg.EgressRoute, client: tls.ClientTLS
+    reactor: Any,
+    metrics: Metrics,
+    rc: cfg.EgressRoute,
+    client: tls.ClientTLS,
+    hop: ProxyHop | None = None,
 ) -> EgressToken:
+    """hop: the route's forward proxy as its pool uses it (credentials swapped on reload);
+    read from the config when not given."""
     o = rc.oauth
     assert o is not None
     key = signing_key(o)
@@ -83,8 +109,14 @@ def egress_token_source(
         )
     except ValueError as e:
         raise tls.MaterialError(f"oauth: {e}") from None
+    policy = _RoutePolicy(client)
+    hop = hop if hop is not None else hop_for(rc.proxy)
     fetch = oauth.AgentFetcher(
-        reactor, o.token_url, _RoutePolicy(client), connect_timeout=rc.timeouts.connect
+        reactor,
+        o.token_url,
+        policy,
+        connect_timeout=rc.timeouts.connect,
+        endpoints=_ThroughProxy(reactor, hop, policy, rc.timeouts.connect) if hop else None,
     )
     source = oauth.TokenSource(reactor, settings, fetch, metrics=metrics, route=rc.name)
     return EgressToken(source, o.token_url)

@@ -24,6 +24,7 @@ from proxy.oauth import glue as oauthglue
 from proxy.oauth import server as oauthserver
 from proxy.tls import contexts as tls
 from proxy.tls import pki
+from proxy.wire import tunnel
 
 # D1's published hosts and the environment their client certificates must name
 D1_HOST_ENV = {"api.d1-stg.thalescloud.io": "PPR", "api.d1.thalescloud.io": "PRD"}
@@ -128,6 +129,8 @@ def audit(
         guarded(f"{prefix}.client_cert", egress_checks)
         _egress_wiring(r, prefix, add)
         _key_file_mode(r.client_key, f"{prefix}.client_key", add)
+        if r.proxy is not None and r.proxy.auth_file is not None:
+            _proxy_auth(r.proxy.auth_file, f"{prefix}.proxy_auth_file", add)
         if r.oauth is not None:
             o = r.oauth
             _key_file_mode(o.signing_key, f"{prefix}.oauth.signing_key", add)
@@ -237,6 +240,15 @@ def _egress_wiring(r: cfg.EgressRoute, prefix: str, add: Callable[[str, str, str
             f"{r.listen.host} is not a loopback address: the app's traffic to it (and its "
             "bearer token) is plain text on the network",
         )
+
+
+def _proxy_auth(path: Path, key: str, add: Callable[[str, str, str], None]) -> None:
+    """The proxy credentials read as `run` reads them, and kept from other users like a key."""
+    _key_file_mode(path, key, add)
+    try:
+        tunnel.read_proxy_auth(path)
+    except tls.MaterialError as e:
+        add("error", key, str(e))
 
 
 def _loopback(host: str) -> bool:

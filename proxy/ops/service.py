@@ -30,6 +30,7 @@ from proxy.tls import pki
 from proxy.wire.pool import Pool
 from proxy.wire.relay import DownstreamFactory
 from proxy.wire.resolver import DNSResolver
+from proxy.wire.tunnel import ProxyHop, hop_for, proxy_auth
 
 SWEEP_INTERVAL = 0.25
 
@@ -71,6 +72,7 @@ class _Plan:
     material: list[tuple[RouteState, Any]] = attrs.Factory(list)  # new TLS of the kept routes
     upstream: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = attrs.Factory(list)
     shared: list[tuple[tls.ClientTLS, tls.ClientMaterial]] = attrs.Factory(list)
+    proxy_auth: list[tuple[ProxyHop, bytes | None]] = attrs.Factory(list)  # re-read credentials
     takeover: list[tuple[RouteState, RouteState]] = attrs.Factory(list)  # (new, old) same listen
     opened: list[tuple[RouteState, Any]] = attrs.Factory(list)  # (new, port opened for it)
     closing: list[RouteState] = attrs.Factory(list)  # old routes whose listen is gone
@@ -84,6 +86,8 @@ def adopted_key(where: cfg.Listen) -> str:
 def key_material_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
     if isinstance(route, cfg.EgressRoute):
         paths = [route.client_cert, route.client_key, route.trust]
+        if route.proxy:
+            paths.append(route.proxy.auth_file)
         if route.oauth:
             paths.append(route.oauth.signing_key)
     else:
@@ -256,7 +260,8 @@ class Sidecar:
         self._record_expiry()
 
     def _pool(self, name: str, up: cfg.Upstream, client_tls: tls.ClientTLS | None,
-              r: cfg.EgressRoute | cfg.IngressRoute) -> Pool:  # fmt: skip
+              r: cfg.EgressRoute | cfg.IngressRoute, hop: ProxyHop | None = None,
+              ) -> Pool:  # fmt: skip
         handshakes = self.metrics.handshake_errors
         self.metrics.known_labels(name, r.direction, isinstance(r, cfg.EgressRoute) and
                                   r.oauth is not None)  # fmt: skip
@@ -277,6 +282,7 @@ class Sidecar:
             on_connect=lambda result: self._connected(name, result),
             on_handshake_error=lambda detail: handshakes.labels(name, _reason_label(detail)).inc(),
             on_handshake=lambda kind: self.metrics.upstream_tls_handshakes.labels(name, kind).inc(),
+            proxy=hop,
         )
         self._watch_pool(name, pool)
         return pool
@@ -291,10 +297,13 @@ class Sidecar:
 
     def _build_egress(self, rc: cfg.EgressRoute, prev: RouteState | None = None,
                       shared: list[tuple[tls.ClientTLS, tls.ClientMaterial]] | None = None,
+                      proxy_auth: list[tuple[ProxyHop, bytes | None]] | None = None,
                       ) -> RouteState:  # fmt: skip
         """prev: the running route of that name a reload replaces. When its client TLS is made
         of the same files the new route shares it (the new material goes in at the swap, via
-        `shared`), and with the same [oauth] its token source: no new token fetch."""
+        `shared`), and with the same [oauth] its token source: no new token fetch. With the
+        same proxy it shares the proxy hop too (credentials re-read, in at the swap via
+        `proxy_auth`), so a carried token source sends what the pool sends."""
         material = tls.build_client_material(rc)
         reused = (
             prev.client_tls
@@ -309,7 +318,19 @@ class Sidecar:
             shared.append((client, material))
         else:
             client = tls.ClientTLS(material, rc.server_name or rc.upstream.host)
-        pool = self._pool(rc.name, rc.upstream, client, rc)
+        hop = hop_for(rc.proxy)
+        kept_hop = prev.route.pool.proxy if prev is not None else None
+        if (
+            hop is not None
+            and kept_hop is not None
+            and proxy_auth is not None
+            and prev is not None
+            and isinstance(prev.config, cfg.EgressRoute)
+            and prev.config.proxy == rc.proxy
+        ):
+            proxy_auth.append((kept_hop, hop.authorization))
+            hop = kept_hop
+        pool = self._pool(rc.name, rc.upstream, client, rc, hop)
         token_source = None
         carried = getattr(prev.route, "token_source", None) if prev and reused else None
         if (
@@ -318,6 +339,8 @@ class Sidecar:
             and prev is not None
             and prev.config.oauth == rc.oauth
             and prev.config.timeouts.connect == rc.timeouts.connect
+            and isinstance(prev.config, cfg.EgressRoute)
+            and prev.config.proxy == rc.proxy  # the token call goes through the route's proxy
             and prev.oauth_files == _signature(_oauth_paths(rc))
         ):
             token_source = carried  # fetched over the same client TLS with the same key
@@ -327,7 +350,7 @@ class Sidecar:
             if self.remote_tokens is not None:
                 token_source = self.remote_tokens(rc.name)
             else:
-                token_source = egress_token_source(self.reactor, self.metrics, rc, client)
+                token_source = egress_token_source(self.reactor, self.metrics, rc, client, hop)
         route = Egress(
             rc,
             token_source=token_source,
@@ -640,7 +663,7 @@ class Sidecar:
                     plan.kept.append(prev)
                     continue
                 if isinstance(rc, cfg.EgressRoute):
-                    state = self._build_egress(rc, prev, plan.shared)
+                    state = self._build_egress(rc, prev, plan.shared, plan.proxy_auth)
                 else:
                     state = self._build_ingress(rc)
             except Exception as e:
@@ -657,6 +680,9 @@ class Sidecar:
     def _reread_material(self, state: RouteState, plan: _Plan) -> None:
         if isinstance(state.config, cfg.EgressRoute):
             plan.material.append((state, tls.build_client_material(state.config)))
+            hop = state.route.pool.proxy
+            if hop is not None and state.config.proxy is not None:
+                plan.proxy_auth.append((hop, proxy_auth(state.config.proxy)))
         else:
             plan.material.append((state, tls.build_server_material(state.config)))
             if state.client_tls is not None:  # an https internal upstream
@@ -719,6 +745,8 @@ class Sidecar:
                     state.route.peers.clear()  # a new client_ca may verify other chains
         for client, upstream_material in plan.upstream + plan.shared:
             client.material = upstream_material
+        for hop, authorization in plan.proxy_auth:  # new connections send the new credentials
+            hop.authorization = authorization
         # listeners: taken over, opened, closed
         for state, prev in plan.takeover:
             port = self._release_listener(prev)

@@ -39,6 +39,7 @@ from zope.interface import implementer
 from proxy.tls.contexts import ClientTLS, PeerRejected, session_reused, tls_factory
 from proxy.wire.http import ProxyError, tokens_of
 from proxy.wire.resolver import ResolveError, resolve
+from proxy.wire.tunnel import ProxyHop, Tunnel, TunnelError, unreachable_text
 
 
 class ResponseSink(Interface):
@@ -96,6 +97,7 @@ class UpstreamConnection(Protocol):
         self.pool = pool
         self.address = address
         self.label = f"{address}:{pool.port}"  # for logs
+        self.via = ""  # " through proxy URL" for a connection tunnelled through a forward proxy
         self.tls_name = tls_name
         self.created = now
         self.generation = pool.generation
@@ -244,7 +246,7 @@ class UpstreamConnection(Protocol):
         else:
             detail = f"TLS handshake failed: {ssl_text(reason)}"
         self.pool.handshake_failed(detail)
-        return ProxyError(502, "upstream_tls_failed", f"{detail} [{self.address}]")
+        return ProxyError(502, "upstream_tls_failed", f"{detail}{self.via} [{self.address}]")
 
     # ---- response parsing (httptools callbacks)
     def on_message_begin(self) -> None:
@@ -378,6 +380,46 @@ class _Factory(ClientFactory):
             d.errback(reason)
 
 
+class _TunnelFactory(_Factory):
+    """TCP to the proxy; CONNECT; then `inner` (our TLS, or the bare connection) in the tunnel.
+    Stands as the connection's connector, so the connect deadline can stop either phase."""
+
+    def __init__(self, conn: UpstreamConnection, hop: ProxyHop, inner: Any) -> None:
+        super().__init__(conn)
+        self.hop, self.inner = hop, inner
+        self.tunnel: Tunnel | None = None
+        self.connector: Any = None
+
+    def buildProtocol(self, addr: Any) -> Tunnel:  # type: ignore[override]
+        assert self.conn is not None  # kept until the tunnel is up: a refusal fails it
+        pool = self.conn.pool
+        self.tunnel = Tunnel(
+            self.hop,
+            pool.host,  # the name, as configured: the proxy resolves it
+            pool.port,
+            build=lambda: self.inner.buildProtocol(addr),
+            failed=self._refused,
+            max_head=pool.max_head_bytes,
+        )
+        return self.tunnel
+
+    def _refused(self, e: TunnelError) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        conn.pool.forget(conn)
+        if conn.ready is not None:
+            d, conn.ready = conn.ready, None
+            d.errback(ProxyError(502, e.code, e.detail))
+
+    def stopConnecting(self) -> None:
+        """The connect deadline passed: in the TCP connect, or waiting for the proxy."""
+        if self.tunnel is not None:
+            self.tunnel.abort()
+        elif self.connector is not None:
+            self.connector.stopConnecting()
+
+
 class Pool:
     """Idle keep-alive connections to one upstream (host, port), newest first."""
 
@@ -400,6 +442,7 @@ class Pool:
         on_connect: Callable[[str], None] = lambda result: None,
         on_handshake_error: Callable[[str], None] = lambda detail: None,
         on_handshake: Callable[[str], None] = lambda kind: None,
+        proxy: ProxyHop | None = None,
     ) -> None:
         self.reactor, self.clock, self.resolver = reactor, clock, resolver
         self.host, self.port, self.tls = host, port, tls
@@ -409,6 +452,7 @@ class Pool:
         self.close_grace = close_grace
         self.on_connect, self.on_handshake_error = on_connect, on_handshake_error
         self.on_handshake = on_handshake  # "full" or "resumed", per verified TLS handshake
+        self.proxy = proxy  # a forward proxy: connect to it, CONNECT host:port by name
         self.idle: list[UpstreamConnection] = []
         self.live: set[UpstreamConnection] = set()
         self.generation = 0
@@ -428,6 +472,8 @@ class Pool:
         return defer.ensureDeferred(self._connect())
 
     async def _connect(self) -> UpstreamConnection:
+        if self.proxy is not None:
+            return await self._connect_via(self.proxy)
         try:
             addresses = await resolve(self.resolver, self.host, self.port)
         except ResolveError as e:
@@ -455,7 +501,41 @@ class Pool:
         self.on_connect("refused")
         raise ProxyError(502, "upstream_unreachable", f"cannot connect to {self.host}: {last}")
 
-    def _dial(self, address: str) -> defer.Deferred[UpstreamConnection]:
+    async def _connect_via(self, hop: ProxyHop) -> UpstreamConnection:
+        """Through a forward proxy: DNS is asked for the proxy's name on every connect; the
+        upstream's name goes in the CONNECT request, for the proxy to resolve."""
+        try:
+            addresses = await resolve(self.resolver, hop.host, hop.port)
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            self.on_connect("proxy_unreachable")
+            raise ProxyError(
+                502, "proxy_unreachable", f"cannot connect to proxy {hop}: DNS: {e}"
+            ) from None
+        last = ""
+        for address in addresses:
+            try:
+                conn = await self._dial(address, hop)
+            except error.ConnectError as e:  # nothing was sent: the next address is safe
+                last = unreachable_text(hop, e)
+                shown = f"[{address}]" if ":" in address else address
+                last = f"{last} ({shown}:{hop.port})"
+                if isinstance(e, error.TimeoutError):
+                    break
+                continue
+            except ProxyError as e:
+                if e.code in ("proxy_refused", "bad_gateway"):
+                    self.on_connect("proxy_refused")
+                raise
+            self.on_connect("ok")
+            return conn
+        self.on_connect("proxy_unreachable")
+        raise ProxyError(502, "proxy_unreachable", last)
+
+    def _dial(
+        self, address: str, hop: ProxyHop | None = None
+    ) -> defer.Deferred[UpstreamConnection]:
         conn = UpstreamConnection(
             self, address, self.tls.server_name if self.tls else None, self.clock.seconds()
         )
@@ -464,9 +544,19 @@ class Pool:
         factory: Any = _Factory(conn)
         if self.tls is not None:
             factory = tls_factory(self.tls, True, factory)
-        conn.connector = self.reactor.connectTCP(
-            address, self.port, factory, timeout=self.connect_timeout
-        )
+        if hop is None:
+            conn.connector = self.reactor.connectTCP(
+                address, self.port, factory, timeout=self.connect_timeout
+            )
+        else:
+            shown = f"[{address}]" if ":" in address else address
+            conn.label = f"{self.host}:{self.port} via {shown}:{hop.port}"
+            conn.via = f" through proxy {hop}"
+            tunnelled = _TunnelFactory(conn, hop, factory)
+            tunnelled.connector = self.reactor.connectTCP(
+                address, hop.port, tunnelled, timeout=self.connect_timeout
+            )
+            conn.connector = tunnelled
         self.live.add(conn)
         return ready
 
@@ -549,7 +639,7 @@ class Pool:
                     conn.abort()
                 elif conn.ready is not None:
                     conn.failure_detail = (
-                        f"connect/TLS handshake to {conn.address}:{self.port} timed out "
+                        f"connect/TLS handshake to {conn.label} timed out "
                         f"after {self.connect_timeout:g}s"
                     )
                     d, conn.ready = conn.ready, None

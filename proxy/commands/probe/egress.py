@@ -31,6 +31,7 @@ from proxy.tls import pki
 from proxy.wire.http import ProxyError
 from proxy.wire.pool import Pool, UpstreamConnection
 from proxy.wire.resolver import DNSResolver, resolve
+from proxy.wire.tunnel import ProxyHop, hop_for
 
 
 # --------------------------------------------------------------------------- dialing
@@ -125,9 +126,11 @@ class _Prober:
             tls_name,
             rc.profile,
             str(rc.trust) if rc.trust else "Mozilla bundle (certifi)",
+            proxy=str(rc.proxy) if rc.proxy else None,
         )
         try:
             material = tls.build_client_material(rc)
+            hop = hop_for(rc.proxy)
         except tls.MaterialError as e:
             report.error = str(e)
             return report
@@ -145,7 +148,7 @@ class _Prober:
         report.addresses = list(
             await defer.gatherResults(
                 [
-                    defer.ensureDeferred(self._dial(rc, material, tls_name, a, requests))
+                    defer.ensureDeferred(self._dial(rc, material, tls_name, a, requests, hop))
                     for a in addresses
                 ]
             )
@@ -156,8 +159,11 @@ class _Prober:
 
     async def _resolve(self, rc: cfg.EgressRoute) -> tuple[DNSReport, list[str]]:
         host, port = rc.upstream.host, rc.upstream.port
+        if rc.proxy is not None:  # the proxy resolves the upstream's name itself
+            host, port = rc.proxy.host, rc.proxy.port
         if isIPAddress(host) or isIPv6Address(host):
-            return DNSReport("", [(host, None)], note="the upstream is an IP address"), [host]
+            what = "the proxy" if rc.proxy is not None else "the upstream"
+            return DNSReport("", [(host, None)], note=f"{what} is an IP address"), [host]
         started = self.reactor.seconds()
         if self.dns is not None:
             servers = ", ".join(f"{h}:{p}" for h, p in self.config.service.nameservers)
@@ -186,16 +192,18 @@ class _Prober:
         tls_name: str,
         address: str,
         requests: _CertRequests,
+        hop: ProxyHop | None = None,
     ) -> AddressReport:
-        report = AddressReport(address, rc.upstream.port)
+        report = AddressReport(address, rc.upstream.port if hop is None else hop.port)
         creator = _WatchedTLS(material, tls_name, self.reactor)
         creator.observe = requests
         pool = Pool(
             reactor=self.reactor,
             clock=self.reactor,
             resolver=self.resolver,  # not asked: the host is this one address
-            host=address,
+            host=address if hop is None else rc.upstream.host,
             port=rc.upstream.port,
+            proxy=hop,
             tls=creator,
             connect_timeout=rc.timeouts.connect,
             idle_timeout=rc.timeouts.pool_idle,
@@ -210,8 +218,14 @@ class _Prober:
             try:
                 conn = await defer.maybeDeferred(pool.acquire)
             except ProxyError as e:
+                if e.code in ("proxy_refused", "bad_gateway", "proxy_unreachable"):
+                    _proxy_failed(report, e, self._ms(started))
+                    return report
                 self._failed(report, creator, e, started, tls_name, requests, rc.timeouts.connect)
+                if hop is not None and creator.connection is not None:
+                    report.proxy_answer = _tunnel_answer(_upstream_of(creator.connection))
                 return report
+            report.proxy_answer = _tunnel_answer(conn)
             self._handshake_facts(report, creator, started, requests, completed=True)
             report.verified = True
             report.verification = f"verified against trust; name {tls_name} matches"
@@ -394,6 +408,25 @@ class _Prober:
         report.ok = True
         report.expires_in = round(left) if left is not None else None
         return report
+
+
+def _tunnel_answer(conn: Any) -> str:
+    """The forward proxy's answer to the CONNECT of a connection made through one."""
+    tunnel = getattr(getattr(conn, "connector", None), "tunnel", None)
+    return str(tunnel.answer) if tunnel is not None else ""
+
+
+def _proxy_failed(report: AddressReport, e: ProxyError, ms: float) -> None:
+    """The forward proxy refused the tunnel, or could not be reached."""
+    report.tcp_ms = ms
+    if e.code == "proxy_unreachable":
+        report.tcp = e.detail.rsplit(": ", 1)[-1]
+        return
+    report.tcp_ok = True
+    report.tcp = "connected to the proxy"
+    report.proxy_answer = e.detail
+    report.verification = "not reached: no tunnel"
+    report.client_cert = "client certificate not tested: no tunnel"
 
 
 def _upstream_of(conn: SSL.Connection) -> UpstreamConnection | None:

@@ -45,6 +45,7 @@ def _as_json(config: cfg.Config, reports: Sequence[RouteReport | IngressReport])
                 "trust": r.trust,
                 "client_certificate": r.client_certificate,
                 "error": r.error or None,
+                "proxy": r.proxy,
                 "dns": dns,
                 "addresses": [address(a) for a in r.addresses],
                 "oauth": plain(r.oauth) if r.oauth is not None else None,
@@ -137,12 +138,15 @@ def _text(reports: Sequence[RouteReport | IngressReport]) -> str:
                 "client certificate",
                 f"{own['subject']} ({own['key']}), not after {own['not_after']}",
             )
+        if r.proxy:
+            kv(2, "proxy", f"{r.proxy}: CONNECT by name, the proxy resolves the upstream")
         if r.error:
             kv(2, "error", r.error)
         if r.dns is not None:
             d = r.dns
             took = f" in {d.ms:g} ms" if d.ms is not None else ""
-            kv(2, "DNS", f"resolver {d.resolver}{took}" if d.resolver else "not asked")
+            dns = "proxy DNS" if r.proxy else "DNS"
+            kv(2, dns, f"resolver {d.resolver}{took}" if d.resolver else "not asked")
             for addr, ttl in d.answers:
                 kv(4, "answer", f"{addr} ({f'TTL {ttl} s' if ttl is not None else d.note})")
             if d.error:
@@ -150,10 +154,14 @@ def _text(reports: Sequence[RouteReport | IngressReport]) -> str:
             elif d.note and not d.answers:
                 kv(4, "note", d.note)
         for a in r.addresses:
-            lines.append(f"  {a.address}:{a.port}")
+            lines.append(f"  {a.address}:{a.port}" + (" (proxy)" if r.proxy else ""))
             tcp = a.tcp + (f" in {a.tcp_ms:g} ms" if a.tcp_ms is not None else "")
             kv(4, "TCP", tcp)
-            if not a.tcp_ok:
+            if a.proxy_answer:
+                kv(4, "CONNECT", a.proxy_answer)
+            if not a.tcp_ok or (r.proxy and a.verified is None and not a.tls_version):
+                if a.tcp_ok:
+                    kv(4, "client auth", a.client_cert)
                 continue
             if a.tls_version and a.cipher:
                 hs = (

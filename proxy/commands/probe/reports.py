@@ -70,6 +70,7 @@ class AddressReport:
     client_cert_accepted: bool | None = None  # None: unknown
     client_cert: str = ""
     http_status: int | None = None
+    proxy_answer: str = ""  # through a forward proxy: its answer to our CONNECT
 
     @property
     def ok(self) -> bool:
@@ -105,6 +106,7 @@ class RouteReport:
     dns: DNSReport | None = None
     addresses: list[AddressReport] = attrs.Factory(list)
     oauth: OAuthReport | None = None
+    proxy: str | None = None  # the forward proxy's URL; the addresses are then the proxy's
 
     @property
     def ok(self) -> bool:
