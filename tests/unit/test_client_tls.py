@@ -189,6 +189,7 @@ CLIENT_TLS_SITES = {
     ("tls/contexts.py", "ClientTLS.clientConnectionForTLS", "CheckedConnection"): "checking",
     # the data path (egress to the partner, ingress to an https upstream)
     ("wire/pool.py", "Pool._dial", "tls_factory"): "ClientTLS (Pool.tls)",
+    ("wire/tunnel.py", "TunnelEndpoint.connect", "tls_factory"): "ClientTLS (the token policy)",
     # the token request: twisted.web's Agent asks the policy for a creator per netloc
     ("oauth/glue.py", "_RoutePolicy.creatorForNetloc", "creatorForNetloc"): "ClientTLS",
     ("oauth/glue.py", "_RoutePolicy.creatorForNetloc", "ClientTLS"): "ClientTLS",
