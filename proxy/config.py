@@ -164,6 +164,9 @@ class IngressRoute:
     pool_max_idle: int = 64
     max_connection_age: float = 300.0
     oauth: IngressOAuth | None = None
+    client_crl: Path | None = None  # PEM (or DER) CRLs of client_ca, checked at every handshake
+    crl_check: str = "leaf"  # "leaf" | "chain": every CA below the root too
+    crl_stale: str = "warn"  # past nextUpdate: "warn" (an error line) | "refuse" (every caller)
     direction: str = "ingress"
 
 
@@ -526,6 +529,13 @@ class _Loader:
                     f"unknown family {family!r}; known: client-cert, xfcc, x-client",
                 )
         upstream_trust = r.get("upstream_trust", self.file)
+        client_crl = r.get("client_crl", self.file)
+        crl_check = r.get("crl_check", _choice("leaf", "chain"), "leaf") or "leaf"
+        crl_stale = r.get("crl_stale", _choice("warn", "refuse"), "warn") or "warn"
+        if client_crl is None:
+            for needs_crl in ("crl_check", "crl_stale"):
+                if needs_crl in table:
+                    r.error(needs_crl, "has no effect without client_crl")
         server_name = r.get("server_name", _str)
         profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
         pool_max_idle = r.get("pool_max_idle", _int, 64)
@@ -560,6 +570,9 @@ class _Loader:
             pool_max_idle=pool_max_idle if pool_max_idle is not None else 64,
             max_connection_age=300.0 if age is None or age == 0 else age,
             oauth=oauth,
+            client_crl=client_crl,
+            crl_check=crl_check,
+            crl_stale=crl_stale,
         )
 
     def ingress_oauth(self, r: _Reader) -> IngressOAuth | None:

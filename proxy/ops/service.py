@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import signal
@@ -24,12 +25,13 @@ from proxy.routes.route import Route
 from proxy.telemetry.logs import AcceptErrors, AccessLog, rfc3339
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
-from proxy.tls import pki
+from proxy.tls import pki, revocation
 from proxy.wire.pool import Pool
 from proxy.wire.relay import DownstreamFactory
 from proxy.wire.resolver import DNSResolver
 
 SWEEP_INTERVAL = 0.25
+STALE_CRL_REPEAT = 3600.0  # a stale CRL's error line comes again this often while it stays
 
 
 @attrs.define
@@ -86,6 +88,7 @@ def key_material_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
             paths.append(route.oauth.signing_key)
     else:
         paths = [route.server_cert, route.server_key, route.client_ca, route.upstream_trust]
+        paths.append(route.client_crl)
         if route.oauth:
             o = route.oauth
             paths += [o.clients_file, o.signing_key, *o.verify_keys]
@@ -220,6 +223,7 @@ class Sidecar:
         self._stopping: defer.Deferred[None] | None = None
         self.accept_errors: AcceptErrors | None = None  # set when logging starts
         self.last_connect: dict[str, dict[str, Any]] = {}  # route -> last upstream connect
+        self._stale_crl_logged: dict[str, tuple[int, float]] = {}  # route -> (CRLs, when)
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
@@ -517,9 +521,38 @@ class Sidecar:
             state.route.sweep(now)
         if self._retiring:
             self._sweep_retiring(now)
+        self._check_crls(now)
         self.access_log.flush()
         if self.accept_errors is not None:
             self.accept_errors.flush(now)
+
+    def _check_crls(self, now: float) -> None:
+        """An error line when a route's CRL passes its nextUpdate (the handshakes themselves
+        follow crl_stale), again every STALE_CRL_REPEAT seconds while it stays stale."""
+        for state in self.routes:
+            rev = state.server_tls.material.revocation if state.server_tls else None
+            stale_at = rev.stale_at() if rev is not None else None
+            if rev is None or stale_at is None or now < stale_at.timestamp():
+                continue
+            name = state.config.name
+            logged = self._stale_crl_logged.get(name)
+            if logged and logged[0] == id(rev) and now - logged[1] < STALE_CRL_REPEAT:
+                continue
+            self._stale_crl_logged[name] = (id(rev), now)
+            wall = datetime.datetime.fromtimestamp(now, datetime.UTC)
+            effect = (
+                "every caller is refused (crl_stale = refuse)"
+                if rev.stale == "refuse"
+                else "its revocations still apply, callers are admitted (crl_stale = warn)"
+            )
+            self.log.error(
+                "{route}: client_crl {path}: {crls} past nextUpdate: the CA has not published a "
+                "fresh CRL or it was not put in place; {effect}",
+                route=name,
+                path=str(rev.path),
+                crls="; ".join(revocation.describe(c) for c in rev.stale_ones(wall)),
+                effect=effect,
+            )
 
     # ---- reload: the whole config file again, swapped in only when all of it is good
     def _watched(self) -> list[Path]:
