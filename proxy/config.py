@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from proxy.pkcs11uri import Pkcs11URI, URIError, is_pkcs11
+from proxy.pkcs11uri import parse as parse_pkcs11
+
 T = TypeVar("T")
 
 PROFILES = ("d1", "generic")
@@ -106,7 +109,7 @@ class Timeouts:
 class EgressOAuth:
     token_url: str
     issuer: str
-    signing_key: Path
+    signing_key: Path | Pkcs11URI  # a PEM file, or a key in a PKCS#11 token
     key_id: str
     audience: str | None = None
     body: str = "form"
@@ -137,7 +140,7 @@ class IngressOAuth:
     """The hosted token endpoint: RFC 9068 JWT access tokens signed with ES256."""
 
     clients_file: Path
-    signing_key: Path  # P-256 key that signs the tokens issued here
+    signing_key: Path | Pkcs11URI  # P-256 key that signs the tokens issued here
     verify_keys: tuple[Path, ...] = ()  # keys whose tokens are accepted too (rotation)
     issuer: str = "mtls-sidecar"  # the tokens' iss
     audience: str | None = None  # the tokens' aud; None: the route's name
@@ -399,6 +402,15 @@ class _Loader:
             raise _Bad(f"cannot read {path}: {e.strerror or e}") from None
         return path
 
+    def key(self, value: object) -> Path | Pkcs11URI:
+        """A private key: a file as `file()` reads it, or an RFC 7512 pkcs11: URI."""
+        if isinstance(value, str) and is_pkcs11(value):
+            try:
+                return parse_pkcs11(value, self.base)
+            except URIError as e:
+                raise _Bad(f"{value}: {e}") from None
+        return self.file(value)
+
     def listen(self, listen: Listen | None) -> Listen | None:
         """unix: socket paths resolve against the config's folder, like every other path."""
         if listen is not None and listen.kind == "unix":
@@ -495,7 +507,7 @@ class _Loader:
             r.error("token_url", "must be an https:// URL")
             token_url = None
         issuer = r.require("issuer", _str)
-        key = r.require("signing_key", self.file)
+        key = r.require("signing_key", self.key)
         kid = r.require("key_id", _str)
         audience = r.get("audience", _str)
         body = r.get("body", _choice("form", "json"), "form") or "form"
@@ -577,7 +589,7 @@ class _Loader:
 
     def ingress_oauth(self, r: _Reader) -> IngressOAuth | None:
         clients = r.require("clients_file", self.file)
-        signing_key = r.require("signing_key", self.file)
+        signing_key = r.require("signing_key", self.key)
         verify_keys: list[Path] = []
         listed: tuple[str, ...] = r.get("verify_keys", _str_list, None) or ()
         for i, text in enumerate(listed):

@@ -20,7 +20,9 @@ from cryptography.x509.oid import NameOID
 
 from proxy import config as cfg
 from proxy.oauth import glue as oauthglue
+from proxy.oauth import hsm
 from proxy.oauth import server as oauthserver
+from proxy.pkcs11uri import Pkcs11URI
 from proxy.tls import contexts as tls
 from proxy.tls import pki, revocation
 
@@ -117,8 +119,9 @@ def audit(
             o = r.oauth
             _key_file_mode(o.signing_key, f"{prefix}.oauth.signing_key", add)
 
-            def oauth_checks(o: cfg.EgressOAuth = o) -> None:
-                oauthglue.signing_key(o)  # the loader `run` uses
+            def oauth_checks(o: cfg.EgressOAuth = o, prefix: str = prefix) -> None:
+                key = oauthglue.signing_key(o)  # the loader `run` uses
+                _token_self_test(key, f"{prefix}.oauth.signing_key", add)
 
             guarded(f"{prefix}.oauth.signing_key", oauth_checks)
 
@@ -234,10 +237,12 @@ def _hosted_token_keys(
     verify-only key; the kids let an operator compare replicas."""
     _key_file_mode(o.signing_key, f"{prefix}.signing_key", add)
     try:
-        kid = oauthserver.key_id(oauthserver.load_private_key(o.signing_key).public_key())
+        key = oauthglue.signing_key(o)
+        kid = oauthserver.key_id(key.public_key())
         add("info", f"{prefix}.signing_key", f"{o.signing_key}: ES256 signing key, kid {kid}")
-    except ValueError as e:
-        add("error", f"{prefix}.signing_key", str(e))
+        _token_self_test(key, f"{prefix}.signing_key", add)
+    except (ValueError, tls.MaterialError) as e:
+        add("error", f"{prefix}.signing_key", str(e).removeprefix("oauth.signing_key "))
     for index, path in enumerate(o.verify_keys):
         try:
             kid = oauthserver.key_id(oauthserver.load_public_key(path))
@@ -282,9 +287,23 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _key_file_mode(path: Path, key: str, add: Callable[[str, str, str], None]) -> None:
+def _token_self_test(key: Any, where: str, add: Callable[[str, str, str], None]) -> None:
+    """A key in a token: log in and sign a test digest, as a token fetch will."""
+    if isinstance(key, hsm.TokenKey):
+        try:
+            add("info", where, f"{key.uri}: {hsm.self_test(key)} in the token")
+        except hsm.HsmError as e:
+            add("error", where, str(e))
+
+
+def _key_file_mode(path: Path | Pkcs11URI, key: str, add: Callable[[str, str, str], None]) -> None:
     """Keys readable by others are a finding; readable by our own group is not (a Kubernetes
-    Secret with fsGroup is always 0440, root-owned, group = the pod's)."""
+    Secret with fsGroup is always 0440, root-owned, group = the pod's). A token key: its PIN
+    file."""
+    if isinstance(path, Pkcs11URI):
+        if path.pin_source is None:
+            return
+        path = path.pin_source
     try:
         st = path.stat()
     except OSError:

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from proxy import config as cfg
 from proxy.ops import audit
+from proxy.pkcs11uri import Pkcs11URI
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
@@ -85,14 +86,19 @@ def key_material_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
     if isinstance(route, cfg.EgressRoute):
         paths = [route.client_cert, route.client_key, route.trust]
         if route.oauth:
-            paths.append(route.oauth.signing_key)
+            paths.append(_key_file(route.oauth.signing_key))
     else:
         paths = [route.server_cert, route.server_key, route.client_ca, route.upstream_trust]
         paths.append(route.client_crl)
         if route.oauth:
             o = route.oauth
-            paths += [o.clients_file, o.signing_key, *o.verify_keys]
+            paths += [o.clients_file, _key_file(o.signing_key), *o.verify_keys]
     return [p for p in paths if p is not None]
+
+
+def _key_file(key: Path | Pkcs11URI) -> Path | None:
+    """The file behind a signing key: itself, or a token key's PIN file."""
+    return key.pin_source if isinstance(key, Pkcs11URI) else key
 
 
 def _signature(paths: list[Path]) -> tuple[tuple[str, float, int, int], ...]:
@@ -120,6 +126,8 @@ def _oauth_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
     for value in attrs.asdict(route.oauth, recurse=False).values():
         if isinstance(value, Path):
             out.append(value)
+        elif isinstance(value, Pkcs11URI) and value.pin_source is not None:
+            out.append(value.pin_source)
         elif isinstance(value, tuple | list):
             out += [v for v in value if isinstance(v, Path)]
     return out
