@@ -3,9 +3,11 @@ its CLI (oauth-key, check, run), the D1 token stand-in verifying the assertions 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -68,6 +70,24 @@ def token(tmp_path: Path) -> Token:
     pin.write_text(PIN + "\n")
     pin.chmod(0o600)
     return Token(tmp_path, env)
+
+
+@contextlib.contextmanager
+def in_process(token: Token) -> Iterator[None]:
+    """This test's token in this process: SoftHSM reads SOFTHSM2_CONF when initialized, and
+    the module stays loaded between tests, so initialize it again, with no session kept."""
+    import pkcs11
+
+    from proxy.oauth import hsm
+
+    os.environ["SOFTHSM2_CONF"] = token.env["SOFTHSM2_CONF"]
+    hsm._SESSIONS.clear()
+    pkcs11.lib(MODULE).reinitialize()
+    try:
+        yield
+    finally:
+        hsm._SESSIONS.clear()
+        del os.environ["SOFTHSM2_CONF"]
 
 
 def make_key(token: Token, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -268,15 +288,12 @@ def test_hosted_tokens_on_ingress_are_signed_in_the_token(token: Token) -> None:
     )
     code, _, errors = check_errors(token, conf)
     assert code == 0, errors
-    os.environ["SOFTHSM2_CONF"] = token.env["SOFTHSM2_CONF"]
-    try:
+    with in_process(token):
         route = cfg.load(conf).ingress[0]
         clock = Clock()
         clock.advance(1_800_000_000)
         endpoint = glue.ingress_token_endpoint(clock, route)
         issued = endpoint.endpoint.issuer.issue("d1", b"s3cret")
-    finally:
-        del os.environ["SOFTHSM2_CONF"]
     assert issued is not None
     public = serialization.load_pem_public_key((d / "oauth.pub").read_bytes())
     claims = jwt.decode(
@@ -285,3 +302,28 @@ def test_hosted_tokens_on_ingress_are_signed_in_the_token(token: Token) -> None:
     )  # fmt: skip
     assert claims["sub"] == "d1"
     assert endpoint.endpoint.issuer.check_bearer(b"Bearer " + issued[0].encode()) == "d1"
+
+
+def test_one_session_is_opened_and_reused_for_every_signature(token: Token) -> None:
+    from proxy.oauth import client as oauth
+    from proxy.oauth import hsm
+    from proxy.pkcs11uri import parse
+
+    make_key(token, "--public-out", str(token.dir / "oauth.pub"))
+    with in_process(token):
+        key = hsm.open_key(parse(token.uri()))
+        settings = oauth.OAuthSettings(
+            token_url="https://d1.test/token", issuer="MGW0000001", signing_key=key, key_id="k"
+        )
+        assertions = [oauth.make_assertion(settings, 1_800_000_000, f"jti-{i}") for i in range(5)]
+        again = hsm.open_key(parse(token.uri()))  # a reload opens the key again: same session
+        assert len(hsm._SESSIONS) == 1
+        assert again._session_key == key._session_key
+    public = serialization.load_pem_public_key((token.dir / "oauth.pub").read_bytes())
+    for i, assertion in enumerate(assertions):
+        claims = jwt.decode(
+            assertion, public, algorithms=["ES256"],  # type: ignore[arg-type]
+            options={"verify_exp": False, "verify_iat": False},
+        )  # fmt: skip
+        assert claims["jti"] == f"jti-{i}"
+        assert jwt.get_unverified_header(assertion) == {"alg": "ES256", "kid": "k", "typ": "JWT"}
