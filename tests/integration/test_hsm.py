@@ -210,9 +210,11 @@ def test_check_names_module_path_for_a_module_that_will_not_load(token: Token) -
     )
 
 
-def test_d1_stand_in_verifies_the_assertion_signed_in_the_token(token: Token) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_d1_stand_in_verifies_the_assertion_signed_in_the_token(token: Token, workers: int) -> None:
     """The whole path: run, token fetch through mutual TLS, assertion signed in SoftHSM, the
-    stand-in checking it with the public key oauth-key printed, then the call with the token."""
+    stand-in checking it with the public key oauth-key printed, then the call with the token.
+    With two workers the supervisor signs and fetches once for both."""
     d = token.dir
     origin_pki(d)
     make_key(token, "--public-out", str(d / "oauth.pub"))
@@ -231,6 +233,8 @@ def test_d1_stand_in_verifies_the_assertion_signed_in_the_token(token: Token) ->
     conf = write_config(
         d / "run.toml",
         f"""
+        [service]
+        workers = {workers}
         [[egress]]
         name = "hsm"
         listen = "127.0.0.1:{port}"
@@ -250,7 +254,7 @@ def test_d1_stand_in_verifies_the_assertion_signed_in_the_token(token: Token) ->
         nginx.start([("127.0.0.1", origin_port)])
         sidecar.start([("127.0.0.1", port)], env=token.env)
         with running(nginx, sidecar):
-            for _ in range(3):
+            for _ in range(6):
                 r = curl(f"http://127.0.0.1:{port}/v1/anything")
                 assert r.status == 200, (r.body, sidecar.log())
                 assert r.body.startswith(b"Bearer ")
