@@ -917,7 +917,7 @@ def _cert_facts(cert: Any) -> dict[str, str]:
     return {k: facts[k] for k in ("subject", "serial", "not_after", "sha256")}
 
 
-_SECRET_KEY = re.compile(r"(?i)secret|password|token$|credential")
+_SECRET_KEY = re.compile(r"(?i)secret|password|token$|credential|pin_value")
 
 
 def _redacted(value: Any, key: str = "") -> Any:

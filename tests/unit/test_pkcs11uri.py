@@ -95,3 +95,14 @@ def test_without_python_pkcs11_the_error_says_what_to_install(
     with pytest.raises(hsm.HsmError) as e:
         hsm.open_key(parse("pkcs11:object=k?module-path=/m.so"))
     assert "pip install 'mtls-sidecar[hsm]'" in str(e.value)
+
+
+def test_status_never_shows_a_pin_value() -> None:
+    import attrs
+
+    from proxy.ops.service import _redacted
+    from proxy.pkcs11uri import parse
+
+    uri = parse("pkcs11:object=k?module-path=/m.so&pin-value=98765")
+    shown = str(_redacted({"signing_key": attrs.asdict(uri)}))
+    assert "98765" not in shown

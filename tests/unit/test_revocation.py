@@ -157,3 +157,22 @@ def test_a_fresh_crl_gives_no_error_line_until_its_next_update(folder: Path) -> 
         stale = [e for e in events if "past nextUpdate" in e.get("log_format", "")]
         assert len(stale) == 1
         assert "callers are admitted (crl_stale = warn)" in stale[0]["effect"]
+
+
+def test_check_warns_in_a_crls_last_quarter_and_run_leaves_a_stale_one_to_crl_stale(
+    folder: Path,
+) -> None:
+    from proxy.ops import audit
+
+    config = cfg.load(write(folder, 'client_crl = "fresh.crl"'))
+    now = datetime.datetime.now(datetime.UTC)
+    levels = lambda at: [  # noqa: E731
+        f.level for f in audit.audit(config, at) if f.key.endswith("client_crl")
+    ]
+    assert levels(now) == ["info"]
+    assert levels(now + 4 * DAY) == ["info"]  # valid 8 days (from a day ago): 3 days left
+    assert levels(now + 5 * DAY + HOUR) == ["warning"]  # under a quarter (2 days) left
+    assert levels(now + 8 * DAY) == ["error"]
+    stale = cfg.load(write(folder, 'client_crl = "stale.crl"'))
+    assert any("past its nextUpdate" in f.message for f in audit.audit(stale))
+    assert audit.errors(stale) == []  # `run` and reload start; the handshake policy decides
