@@ -20,6 +20,8 @@ import attrs
 from service_identity.hazmat import DNS_ID
 
 from proxy import cpus, subjects
+from proxy.pkcs11uri import Pkcs11URI, URIError, is_pkcs11
+from proxy.pkcs11uri import parse as parse_pkcs11
 from proxy.subjects import SubjectPattern
 
 T = TypeVar("T")
@@ -128,7 +130,7 @@ class Timeouts:
 class EgressOAuth:
     token_url: str
     issuer: str
-    signing_key: Path
+    signing_key: Path | Pkcs11URI  # a PEM file, or a key in a PKCS#11 token
     key_id: str
     audience: str | None = None
     body: str = "form"
@@ -160,7 +162,7 @@ class IngressOAuth:
     """The hosted token endpoint: RFC 9068 JWT access tokens signed with ES256."""
 
     clients_file: Path
-    signing_key: Path  # P-256 key that signs the tokens issued here
+    signing_key: Path | Pkcs11URI  # P-256 key that signs the tokens issued here
     verify_keys: tuple[Path, ...] = ()  # keys whose tokens are accepted too (rotation)
     issuer: str = "mtls-sidecar"  # the tokens' iss
     audience: str | None = None  # the tokens' aud; None: the route's name
@@ -187,6 +189,9 @@ class IngressRoute:
     pool_max_idle: int = 64
     max_connection_age: float = 300.0
     oauth: IngressOAuth | None = None
+    client_crl: Path | None = None  # PEM (or DER) CRLs of client_ca, checked at every handshake
+    crl_check: str = "leaf"  # "leaf" | "chain": every CA below the root too
+    crl_stale: str = "warn"  # past nextUpdate: "warn" (an error line) | "refuse" (every caller)
     direction: str = "ingress"
 
 
@@ -544,6 +549,15 @@ class _Loader:
             raise _Bad(f"not a file path: {text!r}") from None
         return path
 
+    def key(self, value: object) -> Path | Pkcs11URI:
+        """A private key: a file as `file()` reads it, or an RFC 7512 pkcs11: URI."""
+        if isinstance(value, str) and is_pkcs11(value):
+            try:
+                return parse_pkcs11(value, self.base)
+            except URIError as e:
+                raise _Bad(f"{value}: {e}") from None
+        return self.file(value)
+
     def listen(self, listen: Listen | None) -> Listen | None:
         """unix: socket paths resolve against the config's folder, like every other path."""
         if listen is not None and listen.kind == "unix":
@@ -674,7 +688,7 @@ class _Loader:
                 r.error("token_url", f"no valid host or port in {token_url!r}")
                 token_url = None
         issuer = r.require("issuer", _str)
-        key = r.require("signing_key", self.file)
+        key = r.require("signing_key", self.key)
         kid = r.require("key_id", _str)
         audience = r.get("audience", _str)
         body = r.get("body", _choice("form", "json"), "form") or "form"
@@ -708,6 +722,13 @@ class _Loader:
                     f"unknown family {family!r}; known: client-cert, xfcc, x-client",
                 )
         upstream_trust = r.get("upstream_trust", self.file)
+        client_crl = r.get("client_crl", self.file)
+        crl_check = r.get("crl_check", _choice("leaf", "chain"), "leaf") or "leaf"
+        crl_stale = r.get("crl_stale", _choice("warn", "refuse"), "warn") or "warn"
+        if client_crl is None:
+            for needs_crl in ("crl_check", "crl_stale"):
+                if needs_crl in table:
+                    r.error(needs_crl, "has no effect without client_crl")
         server_name = r.get("server_name", _host_name)
         profile = r.get("profile", _choice(*PROFILES), "d1") or "d1"
         pool_max_idle = r.get("pool_max_idle", _int, 64)
@@ -742,6 +763,9 @@ class _Loader:
             pool_max_idle=pool_max_idle if pool_max_idle is not None else 64,
             max_connection_age=300.0 if age is None or age == 0 else age,
             oauth=oauth,
+            client_crl=client_crl,
+            crl_check=crl_check,
+            crl_stale=crl_stale,
         )
 
     def subjects(self, r: _Reader, key: str) -> tuple[SubjectPattern, ...]:
@@ -776,7 +800,7 @@ class _Loader:
 
     def ingress_oauth(self, r: _Reader) -> IngressOAuth | None:
         clients = r.require("clients_file", self.file)
-        signing_key = r.require("signing_key", self.file)
+        signing_key = r.require("signing_key", self.key)
         verify_keys: list[Path] = []
         listed: tuple[str, ...] = r.get("verify_keys", _str_list, None) or ()
         for i, text in enumerate(listed):

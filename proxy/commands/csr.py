@@ -10,6 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from proxy.pkcs11uri import parse as parse_pkcs11
 from proxy.tls import pki
 
 KEY_MODE = 0o600
@@ -94,8 +95,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         " give the --public-out file to replicas that only accept the key's tokens"
         " (verify_keys), e.g. while a new key rolls out. Existing files are never overwritten.",
     )
-    oauth.add_argument(
-        "--key-out", required=True, type=Path, metavar="FILE", help="new private key (0600)"
+    where = oauth.add_mutually_exclusive_group(required=True)
+    where.add_argument("--key-out", type=Path, metavar="FILE", help="new private key (0600)")
+    where.add_argument(
+        "--pkcs11",
+        metavar="URI",
+        help="make the key inside a PKCS#11 token instead (RFC 7512 URI with object=, "
+        "module-path= and pin-source=); it is sensitive and never extractable",
     )
     oauth.add_argument("--kid", help="key id for the JWK (default: RFC 7638 thumbprint)")
     oauth.add_argument("--jwk-out", type=Path, metavar="FILE", help="also write the public JWK")
@@ -200,21 +206,29 @@ def _run_server_csr(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
 
 def run_oauth_key(args: argparse.Namespace) -> int:
-    key_out: Path = args.key_out
+    key_out: Path | None = args.key_out
     extra = [p for p in (args.jwk_out, args.public_out) if p is not None]
     kid: str | None = args.kid
     try:
         if kid is not None and (not kid or not kid.isprintable()):
             raise ValueError(f"--kid {kid!r}: empty or not printable")
-        _refuse_existing(key_out, *extra)
-        key = pki.make_oauth_key()
-        public_pem = key.public_key().public_bytes(
+        uri = parse_pkcs11(args.pkcs11, Path.cwd()) if args.pkcs11 else None
+        _refuse_existing(*([key_out] if key_out else []), *extra)
+        key: Any = None
+        if uri is not None:
+            from proxy.oauth import hsm
+
+            public = hsm.generate(uri)  # the last refusal: nothing is written before it
+        else:
+            key = pki.make_oauth_key()
+            public = key.public_key()
+        public_pem = public.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        jwk = pki.public_jwk(key.public_key(), None)
+        jwk = pki.public_jwk(public, None)
         jwk["kid"] = kid if kid is not None else pki.jwk_thumbprint(jwk)
         jwk_json = json.dumps(jwk, indent=2) + "\n"
-        outputs = [(key_out, _key_pem(key), KEY_MODE)]
+        outputs = [(key_out, _key_pem(key), KEY_MODE)] if key_out is not None else []
         if args.jwk_out is not None:
             outputs.append((args.jwk_out, jwk_json.encode(), PUBLIC_MODE))
         if args.public_out is not None:
@@ -222,7 +236,11 @@ def run_oauth_key(args: argparse.Namespace) -> int:
         _write_all(outputs)
     except (ValueError, OSError) as e:
         return _fail(e)
-    print(f"key: {key_out} (ECDSA P-256 for ES256, mode 0600)")
+    where = f"{args.pkcs11} (ECDSA P-256 for ES256, in the token, never extractable)"
+    if key_out is not None:
+        where = f"{key_out} (ECDSA P-256 for ES256, mode 0600)"
+    key_ref = str(key_out) if key_out is not None else args.pkcs11
+    print(f"key: {where}")
     print(f"kid: {jwk['kid']}")
     print("public key (PEM):")
     print(public_pem.decode(), end="")
@@ -230,11 +248,11 @@ def run_oauth_key(args: argparse.Namespace) -> int:
     print(jwk_json, end="")
     print(
         "next steps: register the public key with Thales; in the egress route's [egress.oauth]"
-        f" set signing_key = {str(key_out)!r} and key_id = {jwk['kid']!r}"
+        f" set signing_key = {key_ref!r} and key_id = {jwk['kid']!r}"
     )
     public_hint = f" = [{str(args.public_out)!r}]" if args.public_out is not None else ""
     print(
-        f"  or, for hosted tokens: in [ingress.oauth] set signing_key = {str(key_out)!r}"
+        f"  or, for hosted tokens: in [ingress.oauth] set signing_key = {key_ref!r}"
         f" (kid {pki.jwk_thumbprint(jwk)}); replicas that should only accept its tokens list"
         f" the public key in verify_keys{public_hint}"
     )

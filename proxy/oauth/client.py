@@ -22,7 +22,6 @@ from random import Random
 from typing import Any, Literal, Protocol, TypedDict, cast
 
 import attrs
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import (
@@ -49,6 +48,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from proxy.oauth.hsm import TokenKey, encode_jwt
 from proxy.telemetry.metrics import Metrics
 from proxy.tls.contexts import PeerRejected
 
@@ -114,6 +114,8 @@ class _Writable(Protocol):
 
 
 def _is_p256(_: object, attribute: attrs.Attribute[Any], key: object) -> None:
+    if isinstance(key, TokenKey):  # checked P-256 when it was opened
+        return
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(
             f"{attribute.name}: ES256 needs an EC P-256 private key, got {type(key).__name__}"
@@ -152,7 +154,7 @@ class OAuthSettings:
 
     token_url: str = attrs.field(validator=_https_url)
     issuer: str = attrs.field(validator=_non_empty)  # JWT iss (and sub) = merchantGatewayId
-    signing_key: ec.EllipticCurvePrivateKey = attrs.field(validator=_is_p256, repr=False)
+    signing_key: ec.EllipticCurvePrivateKey | TokenKey = attrs.field(validator=_is_p256, repr=False)
     key_id: str = attrs.field(validator=_non_empty)  # JWT header kid
     audience: str | None = None  # aud is not published for D1 eCom: sent only when configured
     # RFC 7523 form encoding by default (as the config file); D1 eCom documents JSON.
@@ -247,12 +249,7 @@ def make_assertion(settings: OAuthSettings, now: float, jti: str) -> str:
     }
     if settings.audience is not None:
         claims["aud"] = settings.audience
-    return jwt.encode(
-        claims,
-        settings.signing_key,
-        algorithm="ES256",
-        headers={"kid": settings.key_id, "typ": "JWT"},
-    )
+    return encode_jwt(claims, settings.signing_key, {"kid": settings.key_id, "typ": "JWT"})
 
 
 def build_token_request(

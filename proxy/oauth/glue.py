@@ -13,7 +13,8 @@ from zope.interface import implementer
 
 from proxy import config as cfg
 from proxy.oauth import client as oauth
-from proxy.oauth import server
+from proxy.oauth import hsm, server
+from proxy.pkcs11uri import Pkcs11URI
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
 from proxy.wire.http import ProxyError, RequestHead
@@ -77,10 +78,15 @@ class EgressToken:
                 self.source.invalidate(value[7:].decode("ascii"))
 
 
-def signing_key(o: cfg.EgressOAuth) -> Any:
-    """The ES256 assertion key, or MaterialError naming the key and the file."""
+def signing_key(o: cfg.EgressOAuth | cfg.IngressOAuth) -> Any:
+    """The ES256 key (a file's, or a token's), or MaterialError naming the key and the file
+    or the URI part at fault."""
     try:
-        return oauth.load_signing_key(o.signing_key)
+        if isinstance(o.signing_key, Pkcs11URI):
+            return hsm.open_key(o.signing_key)
+        if isinstance(o, cfg.EgressOAuth):
+            return oauth.load_signing_key(o.signing_key)
+        return server.load_private_key(o.signing_key)
     except ValueError as e:
         raise tls.MaterialError(f"oauth.signing_key {e}") from None
 
@@ -142,17 +148,17 @@ class IngressTokens:
 
 def hosted_token_keys(o: cfg.IngressOAuth) -> server.TokenKeys:
     """The hosted tokens' keys, or MaterialError naming the key and the file."""
-    try:
-        signing = server.load_private_key(o.signing_key)
-    except ValueError as e:
-        raise tls.MaterialError(f"oauth.signing_key {e}") from None
+    signing = signing_key(o)
     verify = []
     for index, path in enumerate(o.verify_keys):
         try:
             verify.append(server.load_public_key(path))
         except ValueError as e:
             raise tls.MaterialError(f"oauth.verify_keys[{index}] {e}") from None
-    return server.TokenKeys.of(signing, verify)
+    try:
+        return server.TokenKeys.of(signing, verify)
+    except ValueError as e:
+        raise tls.MaterialError(f"oauth.signing_key {e}") from None
 
 
 def ingress_token_endpoint(reactor: Any, ri: cfg.IngressRoute) -> IngressTokens:

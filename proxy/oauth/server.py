@@ -31,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from proxy.oauth.client import Clock, printable
+from proxy.oauth.hsm import TokenKey, encode_jwt
 from proxy.tls import pki
 
 # --------------------------------------------------------------------------- ingress: keys
@@ -90,14 +91,14 @@ _P256 = "hosted tokens are ES256: an ECDSA P-256 key is needed (mtls-sidecar oau
 class TokenKeys:
     """The keys of hosted tokens: one signs; it and the verify-only ones verify, by kid."""
 
-    signing_key: ec.EllipticCurvePrivateKey
+    signing_key: ec.EllipticCurvePrivateKey | TokenKey
     kid: str
     verify: Mapping[str, ec.EllipticCurvePublicKey]
 
     @classmethod
     def of(
         cls,
-        signing_key: ec.EllipticCurvePrivateKey,
+        signing_key: ec.EllipticCurvePrivateKey | TokenKey,
         verify_keys: Iterable[ec.EllipticCurvePublicKey] = (),
     ) -> TokenKeys:
         public = signing_key.public_key()
@@ -182,12 +183,7 @@ class TokenIssuer:
         }
         if scope is not None:
             claims["scope"] = scope
-        token = jwt.encode(
-            claims,
-            self.keys.signing_key,
-            algorithm="ES256",
-            headers={"typ": "at+jwt", "kid": self.keys.kid},
-        )
+        token = encode_jwt(claims, self.keys.signing_key, {"typ": "at+jwt", "kid": self.keys.kid})
         return token, int(self.lifetime)
 
     def check_bearer(self, authorization: bytes | None) -> str | None:

@@ -21,16 +21,20 @@ from cryptography.x509.oid import NameOID
 
 from proxy import config as cfg
 from proxy.oauth import glue as oauthglue
+from proxy.oauth import hsm
 from proxy.oauth import server as oauthserver
+from proxy.pkcs11uri import Pkcs11URI
 from proxy.tls import contexts as tls
-from proxy.tls import pki
+from proxy.tls import pki, revocation
 from proxy.wire import tunnel
 
 # D1's published hosts and the environment their client certificates must name
 D1_HOST_ENV = {"api.d1-stg.thalescloud.io": "PPR", "api.d1.thalescloud.io": "PRD"}
 
 
-_KEYS = frozenset({"client_cert", "client_key", "server_cert", "server_key", "client_ca", "trust"})
+_KEYS = frozenset(
+    {"client_cert", "client_key", "server_cert", "server_key", "client_ca", "trust", "client_crl"}
+)
 
 
 def findings_for(
@@ -45,7 +49,7 @@ def findings_for(
 
 def errors(config: cfg.Config) -> list[cfg.Finding]:
     """What `run` and a reload refuse: the audit's errors (warnings stay warnings)."""
-    return mistakes(audit(config, listeners=False))
+    return mistakes(audit(config, listeners=False, running=True))
 
 
 def mistakes(findings: list[cfg.Finding]) -> list[cfg.Finding]:
@@ -55,10 +59,15 @@ def mistakes(findings: list[cfg.Finding]) -> list[cfg.Finding]:
 
 
 def audit(
-    config: cfg.Config, now: datetime.datetime | None = None, *, listeners: bool = False
+    config: cfg.Config,
+    now: datetime.datetime | None = None,
+    *,
+    listeners: bool = False,
+    running: bool = False,
 ) -> list[cfg.Finding]:
     """Findings about a parsed config and its key material. `listeners`: also try to bind
-    each listen address (for `check`; a running sidecar holds them itself)."""
+    each listen address (for `check`; a running sidecar holds them itself). `running`: for
+    `run` and reload, which leave a stale CRL to crl_stale instead of refusing the config."""
     findings: list[cfg.Finding] = []
     now = now or datetime.datetime.now(datetime.UTC)
     file = str(config.path)
@@ -135,8 +144,9 @@ def audit(
             o = r.oauth
             _key_file_mode(o.signing_key, f"{prefix}.oauth.signing_key", add)
 
-            def oauth_checks(o: cfg.EgressOAuth = o) -> None:
-                oauthglue.signing_key(o)  # the loader `run` uses
+            def oauth_checks(o: cfg.EgressOAuth = o, prefix: str = prefix) -> None:
+                key = oauthglue.signing_key(o)  # the loader `run` uses
+                _token_self_test(key, f"{prefix}.oauth.signing_key", add)
 
             guarded(f"{prefix}.oauth.signing_key", oauth_checks)
 
@@ -162,6 +172,11 @@ def audit(
                 )
             for ca in material.client_cas:
                 certificate(f"{prefix}.client_ca", r.client_ca, [ca], "client CA")
+            if material.revocation is not None:
+                _crl_findings(
+                    material.revocation, material.client_cas, r.client_ca,
+                    f"{prefix}.client_crl", now, running, add,
+                )  # fmt: skip
 
         guarded(f"{prefix}.server_cert", ingress_checks)
         _key_file_mode(ri.server_key, f"{prefix}.server_key", add)
@@ -190,6 +205,62 @@ def _days(days: float) -> str:
     return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
+def _crl_findings(
+    rev: revocation.Revocation,
+    cas: tuple[Any, ...],
+    ca_path: Path,
+    key: str,
+    now: datetime.datetime,
+    running: bool,
+    add: Callable[[str, str, str], None],
+) -> None:
+    """Each CRL signed by a CA of client_ca and fresh; a CRL from every CA the check needs."""
+    signers: set[Any] = set()
+    for crl in rev.crls:
+        what = f"{rev.path}: {revocation.describe(crl)}"
+        signer = revocation.issuer_of(crl, cas)
+        if signer is None:
+            add("error", key, f"{what}: not signed by any CA in client_ca {ca_path}: refused")
+            continue
+        signers.add(signer.subject)
+        nu = revocation.next_update(crl)
+        if nu is not None and nu <= now:
+            if not running:  # at run time crl_stale decides; the service logs it as an error
+                add(
+                    "error",
+                    key,
+                    f"{what}: past its nextUpdate by {(now - nu).total_seconds() / 3600:.0f} "
+                    f"hours: fetch a fresh CRL from the CA (crl_stale = {rev.stale})",
+                )
+        elif revocation.near_stale(crl, now):
+            left = (nu - now).total_seconds() / 3600 if nu else 0
+            add("warning", key, f"{what}: nextUpdate in {left:.0f} hours: a fresh CRL is due")
+        else:
+            revoked = len(list(crl))
+            add("info", key, f"{what}: {revoked} revoked, signed by its CA")
+    roots = [ca for ca in cas if revocation.is_self_signed(ca)]
+    if rev.check == "chain":
+        if not roots:
+            add(
+                "error",
+                key,
+                f'crl_check = "chain" checks every CA below the root: client_ca {ca_path} '
+                "must hold the self-signed root (and the intermediates under it)",
+            )
+        needed = list(cas)
+    else:
+        issuers = {ca.issuer for ca in cas if not revocation.is_self_signed(ca)}
+        needed = [ca for ca in cas if ca.subject not in issuers]  # the CAs that issue leaves
+    for ca in needed:
+        if ca.subject not in signers:
+            add(
+                "error",
+                key,
+                f"{rev.path}: no CRL from {ca.subject.rfc4514_string()} (client_ca {ca_path}): "
+                f'every certificate it issued would be refused (crl_check = "{rev.check}")',
+            )
+
+
 def _gateway_id(leaf: Any) -> str | None:
     cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     match = pki.D1_CN.match(str(cns[0].value)) if len(cns) == 1 else None
@@ -203,10 +274,12 @@ def _hosted_token_keys(
     verify-only key; the kids let an operator compare replicas."""
     _key_file_mode(o.signing_key, f"{prefix}.signing_key", add)
     try:
-        kid = oauthserver.key_id(oauthserver.load_private_key(o.signing_key).public_key())
+        key = oauthglue.signing_key(o)
+        kid = oauthserver.key_id(key.public_key())
         add("info", f"{prefix}.signing_key", f"{o.signing_key}: ES256 signing key, kid {kid}")
-    except ValueError as e:
-        add("error", f"{prefix}.signing_key", str(e))
+        _token_self_test(key, f"{prefix}.signing_key", add)
+    except (ValueError, tls.MaterialError) as e:
+        add("error", f"{prefix}.signing_key", str(e).removeprefix("oauth.signing_key "))
     for index, path in enumerate(o.verify_keys):
         try:
             kid = oauthserver.key_id(oauthserver.load_public_key(path))
@@ -260,9 +333,23 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _key_file_mode(path: Path, key: str, add: Callable[[str, str, str], None]) -> None:
+def _token_self_test(key: Any, where: str, add: Callable[[str, str, str], None]) -> None:
+    """A key in a token: log in and sign a test digest, as a token fetch will."""
+    if isinstance(key, hsm.TokenKey):
+        try:
+            add("info", where, f"{key.uri}: {hsm.self_test(key)} in the token")
+        except hsm.HsmError as e:
+            add("error", where, str(e))
+
+
+def _key_file_mode(path: Path | Pkcs11URI, key: str, add: Callable[[str, str, str], None]) -> None:
     """Keys readable by others are a finding; readable by our own group is not (a Kubernetes
-    Secret with fsGroup is always 0440, root-owned, group = the pod's)."""
+    Secret with fsGroup is always 0440, root-owned, group = the pod's). A token key: its PIN
+    file."""
+    if isinstance(path, Pkcs11URI):
+        if path.pin_source is None:
+            return
+        path = path.pin_source
     try:
         st = path.stat()
     except OSError:

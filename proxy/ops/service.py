@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import signal
@@ -20,19 +21,21 @@ from twisted.logger import Logger
 from proxy import config as cfg
 from proxy.ops import audit, health
 from proxy.ops.heap import start_trimming
+from proxy.pkcs11uri import Pkcs11URI
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
 from proxy.telemetry.logs import AcceptErrors, AccessLog, log_line, rfc3339
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
-from proxy.tls import pki
+from proxy.tls import pki, revocation
 from proxy.wire.pool import Pool
 from proxy.wire.relay import DownstreamFactory
 from proxy.wire.resolver import DNSResolver
 from proxy.wire.tunnel import ProxyHop, hop_for, proxy_auth
 
 SWEEP_INTERVAL = 0.25
+STALE_CRL_REPEAT = 3600.0  # a stale CRL's error line comes again this often while it stays
 
 
 @attrs.define
@@ -89,13 +92,19 @@ def key_material_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
         if route.proxy:
             paths.append(route.proxy.auth_file)
         if route.oauth:
-            paths.append(route.oauth.signing_key)
+            paths.append(_key_file(route.oauth.signing_key))
     else:
         paths = [route.server_cert, route.server_key, route.client_ca, route.upstream_trust]
+        paths.append(route.client_crl)
         if route.oauth:
             o = route.oauth
-            paths += [o.clients_file, o.signing_key, *o.verify_keys]
+            paths += [o.clients_file, _key_file(o.signing_key), *o.verify_keys]
     return [p for p in paths if p is not None]
+
+
+def _key_file(key: Path | Pkcs11URI) -> Path | None:
+    """The file behind a signing key: itself, or a token key's PIN file."""
+    return key.pin_source if isinstance(key, Pkcs11URI) else key
 
 
 def _signature(paths: list[Path]) -> tuple[tuple[str, float, int, int], ...]:
@@ -123,6 +132,8 @@ def _oauth_paths(route: cfg.EgressRoute | cfg.IngressRoute) -> list[Path]:
     for value in attrs.asdict(route.oauth, recurse=False).values():
         if isinstance(value, Path):
             out.append(value)
+        elif isinstance(value, Pkcs11URI) and value.pin_source is not None:
+            out.append(value.pin_source)
         elif isinstance(value, tuple | list):
             out += [v for v in value if isinstance(v, Path)]
     return out
@@ -243,6 +254,7 @@ class Sidecar:
         self.last_reload: dict[str, Any] | None = None  # time, result, error
         self.started_at = reactor.seconds()
         self.health = health.Health(self, _token_state, announce=announce, wall=wall)
+        self._stale_crl_logged: dict[str, tuple[int, float]] = {}  # route -> (CRLs, when)
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
@@ -561,9 +573,38 @@ class Sidecar:
             state.route.sweep(now)
         if self._retiring:
             self._sweep_retiring(now)
+        self._check_crls(now)
         self.access_log.flush()
         if self.accept_errors is not None:
             self.accept_errors.flush(now)
+
+    def _check_crls(self, now: float) -> None:
+        """An error line when a route's CRL passes its nextUpdate (the handshakes themselves
+        follow crl_stale), again every STALE_CRL_REPEAT seconds while it stays stale."""
+        for state in self.routes:
+            rev = state.server_tls.material.revocation if state.server_tls else None
+            stale_at = rev.stale_at() if rev is not None else None
+            if rev is None or stale_at is None or now < stale_at.timestamp():
+                continue
+            name = state.config.name
+            logged = self._stale_crl_logged.get(name)
+            if logged and logged[0] == id(rev) and now - logged[1] < STALE_CRL_REPEAT:
+                continue
+            self._stale_crl_logged[name] = (id(rev), now)
+            wall = datetime.datetime.fromtimestamp(now, datetime.UTC)
+            effect = (
+                "every caller is refused (crl_stale = refuse)"
+                if rev.stale == "refuse"
+                else "its revocations still apply, callers are admitted (crl_stale = warn)"
+            )
+            self.log.error(
+                "{route}: client_crl {path}: {crls} past nextUpdate: the CA has not published a "
+                "fresh CRL or it was not put in place; {effect}",
+                route=name,
+                path=str(rev.path),
+                crls="; ".join(revocation.describe(c) for c in rev.stale_ones(wall)),
+                effect=effect,
+            )
 
     # ---- reload: the whole config file again, swapped in only when all of it is good
     def _watched(self) -> list[Path]:
@@ -932,7 +973,7 @@ def _cert_facts(cert: Any) -> dict[str, str]:
     return out
 
 
-_SECRET_KEY = re.compile(r"(?i)secret|password|token$|credential")
+_SECRET_KEY = re.compile(r"(?i)secret|password|token$|credential|pin_value")
 
 
 def _redacted(value: Any, key: str = "") -> Any:

@@ -33,6 +33,14 @@ def handshake_reason(down: Downstream, reason: Failure) -> str:
     """A short label for a failed ingress handshake (metrics and logs)."""
     verify = getattr(down, "verify_error", None) or ""
     text = reason.getErrorMessage().lower()
+    if "revoked" in verify:
+        return "certificate_revoked"
+    if "stale CRL" in verify:
+        return "crl_stale"
+    if "no CRL" in verify:
+        return "crl_missing"
+    if "CRL" in verify:
+        return "crl_unusable"
     if "expired" in verify:
         return "certificate_expired"
     if "not yet valid" in verify:
