@@ -905,6 +905,7 @@ def _reason_label(detail: str) -> str:
         ("expired", "certificate_expired"),
         ("not yet valid", "certificate_not_yet_valid"),
         ("hostname mismatch", "hostname_mismatch"),
+        ("unknown ca", "unknown_ca"),  # the partner's alert: it does not know our client certificate
         ("not trusted", "certificate_untrusted"),
         ("protocol version", "protocol_version"),
         ("unsupported protocol", "protocol_version"),
