@@ -409,6 +409,9 @@ class Sidecar:
             state.port = self._open_listener(state)
             state.route.listener = state.port
             self._log_listening(state)
+            self.metrics.route_up.labels(state.config.name, state.config.direction).set(1)
+            for reason in ("max_connections", "draining"):  # exported at 0 from start
+                self.metrics.connections_refused.labels(state.config.name, reason)
         if self.config.admin is not None:
             from proxy.ops.admin import admin_site
 
@@ -905,7 +908,7 @@ def _reason_label(detail: str) -> str:
         ("expired", "certificate_expired"),
         ("not yet valid", "certificate_not_yet_valid"),
         ("hostname mismatch", "hostname_mismatch"),
-        ("unknown ca", "unknown_ca"),  # the partner's alert: it does not know our client certificate
+        ("unknown ca", "unknown_ca"),  # the partner does not know our client certificate
         ("not trusted", "certificate_untrusted"),
         ("protocol version", "protocol_version"),
         ("unsupported protocol", "protocol_version"),

@@ -6,7 +6,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -98,6 +98,7 @@ class Metrics:
     oauth_token_expiry: Gauge
     accept_errors: Counter
     connections_refused: Counter
+    route_up: Gauge
 
     pools: _PoolCollector = attrs.field(factory=_PoolCollector)
 
@@ -117,7 +118,8 @@ class Metrics:
         r.register(_RequestCollector(routes))
         pools = _PoolCollector()
         r.register(pools)
-        return cls(
+        ProcessCollector(registry=r)  # memory and CPU of this process (per worker once merged)
+        metrics = cls(
             pools=pools,
             registry=r,
             routes=routes,
@@ -181,4 +183,15 @@ class Metrics:
                 ["route", "reason"],
                 registry=r,
             ),
+            route_up=Gauge(
+                p + "route_up",
+                "1 while the route serves, 0 while it is down.",
+                ["route", "direction"],
+                registry=r,
+            ),
         )
+        # known label sets at 0 from start, so rates and alerts see a series before the first event
+        for result in ("success", "failure"):
+            metrics.reloads.labels(result)
+        metrics.accept_errors.labels("emfile")
+        return metrics

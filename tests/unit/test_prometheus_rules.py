@@ -128,8 +128,11 @@ _RULE = {
         "alert": {"type": "string"},
         "record": {"type": "string"},
         "expr": {"type": ["string", "integer"]},
-        "for": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
-                                             "(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+        "for": {
+            "type": "string",
+            "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+            "(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+        },
         "keep_firing_for": {"type": "string"},
         "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         "annotations": {"type": "object", "additionalProperties": {"type": "string"}},

@@ -1,0 +1,225 @@
+"""What ships for monitoring meets a live sidecar: every metric the Grafana dashboard queries is
+in a real /metrics scrape, and the status page at / renders in a real browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import (
+    PEERS,
+    Nginx,
+    Peer,
+    Sidecar,
+    curl,
+    free_port,
+    mtls_server,
+    origin_pki,
+    write_config,
+    write_oauth_key,
+)
+
+pytestmark = pytest.mark.integration
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "mtls-sidecar.json"
+# Exported only by the supervisor with [service] workers > 1 (it owns the worker processes);
+# the single-process scrape below cannot have them. Nothing else may be listed here.
+WORKERS_ONLY = {
+    "mtls_sidecar_worker_resident_bytes",
+    "mtls_sidecar_worker_restarts_total",
+    "mtls_sidecar_worker_recycles_total",
+}
+# PromQL words that look like metric names in an expression
+_NOT_METRICS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+                "unless", "bool", "offset", "le", "inf", "nan"}  # fmt: skip
+
+
+@attrs.frozen
+class Env:
+    dir: Path
+    admin: int
+    egress: int
+    ingress: int
+    sidecar: Sidecar
+
+    def mtls(self) -> list[str]:
+        d = self.dir
+        return ["--cacert", str(d / "server-ca.pem"), "--cert", str(d / "client.pem"),
+                "--key", str(d / "client.key")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """One sidecar with an OAuth egress route and an ingress route, after traffic on both."""
+    d = tmp_path_factory.mktemp("monitoring")
+    origin_pki(d)
+    write_oauth_key(d)
+    (d / "oauth.key").chmod(0o600)
+    origin = free_port()
+    nginx = Nginx(
+        d / "nginx",
+        mtls_server(f"127.0.0.1:{origin}", d / "origin.pem", d / "origin.key",
+                    d / "client-ca.pem", 'location /boom { return 502 "no"; }\n'
+                    'location / { return 200 "ok"; }'),
+    ).start([("127.0.0.1", origin)])  # fmt: skip
+    upstream = tokens = sidecar = None
+    try:
+        upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
+        tokens = Peer(
+            [str(PEERS / "token_server.py"), "--port", "0", "--cert", str(d / "origin.pem"),
+             "--key", str(d / "origin.key"), "--client-ca", str(d / "client-ca.pem"),
+             "--public-key", str(d / "oauth.pub"), "--stats", str(d / "token-stats")]
+        ).start()  # fmt: skip
+        ports = {k: free_port() for k in ("egress", "ingress", "admin")}
+        conf = write_config(
+            d / "sidecar.toml",
+            f"""
+            [admin]
+            listen = "127.0.0.1:{ports["admin"]}"
+            [[egress]]
+            name = "d1-ppr"
+            listen = "127.0.0.1:{ports["egress"]}"
+            upstream = "https://localhost:{origin}"
+            client_cert = "client.pem"
+            client_key = "client.key"
+            trust = "server-ca.pem"
+              [egress.oauth]
+              token_url = "https://localhost:{tokens.port}/authz/v1/oauth2/token"
+              issuer = "MGW0000001"
+              signing_key = "oauth.key"
+              key_id = "kid-ppr-1"
+              body = "json"
+            [[ingress]]
+            name = "d1-callbacks"
+            listen = "127.0.0.1:{ports["ingress"]}"
+            server_cert = "origin.pem"
+            server_key = "origin.key"
+            client_ca = "client-ca.pem"
+            upstream = "http://127.0.0.1:{upstream.port}"
+            """,
+        )
+        sidecar = Sidecar(conf).start([("127.0.0.1", p) for p in ports.values()])
+        e = Env(d, ports["admin"], ports["egress"], ports["ingress"], sidecar)
+        for path in ("/a", "/b", "/boom"):
+            assert curl(f"http://127.0.0.1:{e.egress}{path}").status in (200, 502)
+        assert curl(*e.mtls(), f"https://localhost:{e.ingress}/cb").status == 200
+        # a client without a certificate: a failed ingress handshake, counted by reason
+        no_cert = curl("--cacert", str(d / "server-ca.pem"), f"https://localhost:{e.ingress}/")
+        assert no_cert.status == 0
+        yield e
+    finally:
+        for thing in (sidecar, tokens, upstream, nginx):
+            if thing is not None:
+                thing.stop()
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: identifiers not inside {...} or quotes,
+    not followed by "(" (functions), not after "by (" / "without (" (label lists)."""
+    expr = re.sub(r'"[^"]*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "{}", expr)
+    expr = re.sub(r"label_values\(([^,]*),\s*\w+\)", r"\1", expr)  # (metric, label)
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\[[^\]]*\]", "[]", expr)
+    names = set()
+    for m in re.finditer(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(\s*\()?", expr):
+        word, call = m.group(1), m.group(2)
+        if call or word.lower() in _NOT_METRICS or word.startswith("__"):
+            continue
+        names.add(word)
+    return names
+
+
+def scraped(port: int) -> set[str]:
+    page = curl(f"http://127.0.0.1:{port}/metrics")
+    assert page.status == 200
+    return {s.name for f in text_string_to_metric_families(page.body.decode()) for s in f.samples}
+
+
+def test_the_name_extraction_finds_names_and_skips_functions_and_labels() -> None:
+    expr = ('histogram_quantile(0.99, sum by (le, route) (rate(mtls_x_bucket{code=~"5..", '
+            'route=~"$route"}[$__rate_interval]))) / on (route) mtls_y - time()')  # fmt: skip
+    assert metric_names(expr) == {"mtls_x_bucket", "mtls_y"}
+    assert metric_names('label_values(mtls_z{job=~"$job"}, instance)') == {"mtls_z"}
+
+
+def test_every_metric_the_dashboard_queries_is_in_a_live_scrape(env: Env) -> None:
+    wanted = set().union(*(metric_names(e) for e in dashboard_queries()))
+    assert len(wanted) >= 15 and "mtls_sidecar_route_up" in wanted
+    assert wanted >= WORKERS_ONLY  # the list names only what the dashboard uses
+    have = scraped(env.admin)
+    missing = sorted(wanted - have - WORKERS_ONLY)
+    assert not missing, f"queried by deploy/grafana/mtls-sidecar.json, not exported: {missing}"
+
+
+def test_a_renamed_metric_would_fail_the_dashboard_check(env: Env) -> None:
+    have = scraped(env.admin)
+    renamed = "mtls_sidecar_request_duration_seconds_bucket".replace("request", "req")
+    assert "mtls_sidecar_request_duration_seconds_bucket" in have
+    assert renamed not in have
+
+
+def test_the_dashboard_is_importable_with_a_datasource_variable() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}", p["title"]
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for wanted in ("requests", "errors", "latency", "days left", "token", "handshake",
+                   "workers", "memory per worker"):  # fmt: skip
+        assert wanted in titles, wanted
+
+
+def test_with_workers_the_supervisor_exports_the_workers_panels_metrics(env: Env) -> None:
+    admin, port = free_port(), free_port()
+    conf = write_config(
+        env.dir / "workers.toml",
+        f"""
+        [service]
+        workers = 2
+        [admin]
+        listen = "127.0.0.1:{admin}"
+        [[egress]]
+        name = "d1-ppr"
+        listen = "127.0.0.1:{port}"
+        upstream = "https://localhost:{free_port()}"
+        client_cert = "client.pem"
+        client_key = "client.key"
+        trust = "server-ca.pem"
+        """,
+    )
+    sidecar = Sidecar(conf).start([("127.0.0.1", admin), ("127.0.0.1", port)])
+    try:
+        deadline = time.monotonic() + 60
+        while curl(f"http://127.0.0.1:{admin}/readyz").status != 200:  # the workers are up
+            assert time.monotonic() < deadline, sidecar.log()
+            time.sleep(0.2)
+        have = scraped(admin)
+    finally:
+        sidecar.stop()
+    assert {"mtls_sidecar_worker_resident_bytes", "mtls_sidecar_worker_restarts_total",
+            "process_resident_memory_bytes", "mtls_sidecar_route_up"} <= have  # fmt: skip
