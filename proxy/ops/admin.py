@@ -1,13 +1,18 @@
-"""Admin listener: /healthz, /readyz, /metrics (twisted.web: it is off the data path)."""
+"""Admin listener: /healthz, /readyz, /metrics, /status and the page at / (twisted.web: it is
+off the data path)."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+from proxy.ops import page
 
 
 class State(Protocol):
@@ -47,16 +52,36 @@ class _Ready(Resource):
 
 
 class _Status(Resource):
+    """/status (JSON) and / (the same report as a page for people): one handler, one gate."""
+
     isLeaf = True
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, clock: Callable[[], float], page: bool = False) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.state = state
+        self.clock = clock
+        self.page = page
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
+        if self.page:
+            code, kind, body = status_page(request.args, self.state.status(), self.clock())
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", kind)
+            return body
+        request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.state.status(), indent=2, default=str).encode() + b"\n"
+
+
+def status_page(
+    args: dict[bytes, list[bytes]], status: dict[str, Any], now: float
+) -> tuple[int, bytes, bytes]:
+    """(code, content type, body) of the HTML page for a /status report; 400 for a bad ?refresh=."""
+    try:
+        refresh = page.refresh_seconds(args.get(b"refresh"))
+    except page.RefreshError as e:
+        return 400, b"text/plain; charset=utf-8", f"{e}\n".encode()
+    return 200, b"text/html; charset=utf-8", page.render(status, now, refresh)
 
 
 class _Metrics(Resource):
@@ -72,11 +97,14 @@ class _Metrics(Resource):
         return out
 
 
-def admin_site(state: State, registry: CollectorRegistry) -> Any:
+def admin_site(
+    state: State, registry: CollectorRegistry, clock: Callable[[], float] = time.time
+) -> Any:
     root = Resource()
+    root.putChild(b"", _Status(state, clock, page=True))
     root.putChild(b"healthz", _Health())  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", _Ready(state))
-    root.putChild(b"status", _Status(state))
+    root.putChild(b"status", _Status(state, clock))
     root.putChild(b"metrics", _Metrics(registry))
     site = Site(root)
     site.noisy = False

@@ -22,7 +22,7 @@ from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
 from proxy.telemetry.logs import AcceptErrors, AccessLog, rfc3339
-from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.metrics import Metrics, RouteStats
 from proxy.tls import contexts as tls
 from proxy.tls import pki
 from proxy.wire.pool import Pool
@@ -220,6 +220,7 @@ class Sidecar:
         self._stopping: defer.Deferred[None] | None = None
         self.accept_errors: AcceptErrors | None = None  # set when logging starts
         self.last_connect: dict[str, dict[str, Any]] = {}  # route -> last upstream connect
+        self.started = reactor.seconds()
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
@@ -393,11 +394,15 @@ class Sidecar:
                         for k, v in token.items()
                     },
                     "last_upstream_connect": self.last_connect.get(c.name),
+                    "requests": request_counts(self.metrics.routes, c.name, c.direction),
                 }
             )
+        now = self.reactor.seconds()
         return {
             "ready": not self.readiness(),
             "reasons": self.readiness(),
+            "started": rfc3339(self.started),
+            "uptime_seconds": round(now - self.started, 3),
             "routes": routes,
             "config": _redacted(attrs.asdict(self.config)),
         }
@@ -417,7 +422,9 @@ class Sidecar:
 
             where = self.config.admin.listen
             try:
-                self.admin_port = self._listen(where, admin_site(self, self.metrics.registry), {})
+                self.admin_port = self._listen(
+                    where, admin_site(self, self.metrics.registry, self.reactor.seconds), {}
+                )
             except CannotListenError as e:
                 raise tls.MaterialError(
                     f"admin.listen {where}: cannot listen: {e.socketError or e}"
@@ -872,6 +879,16 @@ def _token_state(route: Route) -> dict[str, Any] | None:
         return None  # held by the supervisor, which reports it
     state = getattr(getattr(glue, "source", None), "state", None)
     return dict(state()) if state is not None else None
+
+
+def request_counts(stats: list[RouteStats], route: str, direction: str) -> dict[str, Any]:
+    """Requests answered on a route since start (every build of it), by status code."""
+    codes: dict[str, int] = {}
+    for s in stats:
+        if s.route == route and s.direction == direction:
+            for code, n in s.codes.items():
+                codes[str(code)] = codes.get(str(code), 0) + n
+    return {"total": sum(codes.values()), "by_code": dict(sorted(codes.items()))}
 
 
 def _cert_facts(cert: Any) -> dict[str, str]:

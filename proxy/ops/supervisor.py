@@ -37,9 +37,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from proxy import config as cfg
 from proxy.oauth import glue
 from proxy.ops import audit
+from proxy.ops.admin import status_page
 from proxy.ops.channel import Channel, ChannelFactory
 from proxy.ops.service import _signature, adopted_key, key_material_paths
 from proxy.ops.worker import CHANNEL_FD_ENV, LISTEN_FDS_ENV, WORKER_ENV
+from proxy.telemetry.logs import rfc3339
 from proxy.telemetry.metrics import Metrics
 from proxy.tls import contexts as tls
 
@@ -123,6 +125,7 @@ class Supervisor:
         self.log_level = log_level
         self.metrics = Metrics.create()
         self.restarts = _restarts_counter(self.metrics)
+        self.started = reactor.seconds()
         self.on_stopped: Any = lambda: None
         self.sockets: dict[str, int] = {}  # listen key -> fd held by the supervisor
         self.owned: dict[str, socket.socket] = {}  # the ones it bound itself
@@ -480,7 +483,7 @@ class Supervisor:
         else:
             asked = defer.succeed({"routes": [], "error": "no worker ready"})
 
-        def add(report: dict[str, Any]) -> dict[str, Any]:
+        def add(report: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
             for route in report.get("routes", []):
                 source = self.tokens.get(route["name"])
                 if source is not None:
@@ -490,9 +493,32 @@ class Supervisor:
                  "resident_bytes": _rss_bytes(w.pid)}
                 for w in self.workers
             ]  # fmt: skip
-            return report
+            report["started"] = rfc3339(self.started)
+            report["uptime_seconds"] = round(self.reactor.seconds() - self.started, 3)
+            # a worker counts only its own requests: take every worker's from the merged metrics
+            return self.metrics_text().addCallback(lambda text: _with_counts(report, text))
 
         return asked.addCallback(add)
+
+
+def _with_counts(report: dict[str, Any], text: bytes) -> dict[str, Any]:
+    codes: dict[tuple[str, str], dict[str, int]] = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        if fam.name != "mtls_sidecar_requests":
+            continue
+        for sample in fam.samples:
+            if sample.name.endswith("_total"):
+                key = (sample.labels.get("route", ""), sample.labels.get("direction", ""))
+                by_code = codes.setdefault(key, {})
+                code = sample.labels.get("code", "")
+                by_code[code] = by_code.get(code, 0) + int(sample.value)
+    for route in report.get("routes", []):
+        by_code = codes.get((route.get("name", ""), route.get("direction", "")), {})
+        route["requests"] = {
+            "total": sum(by_code.values()),
+            "by_code": dict(sorted(by_code.items())),
+        }
+    return report
 
 
 def _restarts_counter(metrics: Metrics) -> Any:
@@ -559,9 +585,10 @@ def _escape(value: str) -> str:
 class _Async(Resource):
     isLeaf = True
 
-    def __init__(self, answer: Any) -> None:
+    def __init__(self, answer: Any, with_request: bool = False) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.answer = answer
+        self.with_request = with_request  # the answer reads the query
 
     def render_GET(self, request: Request) -> Any:
         def done(result: tuple[int, bytes, bytes]) -> None:
@@ -577,7 +604,8 @@ class _Async(Resource):
             request.write(json.dumps({"error": f.getErrorMessage()}).encode())
             request.finish()
 
-        defer.maybeDeferred(self.answer).addCallbacks(done, failed)
+        args = (request,) if self.with_request else ()
+        defer.maybeDeferred(self.answer, *args).addCallbacks(done, failed)
         return NOT_DONE_YET
 
 
@@ -601,11 +629,17 @@ def _admin_site(sup: Supervisor) -> Site:
             lambda s: (200, b"application/json", json.dumps(s, indent=2, default=str).encode())
         )
 
+    def page(request: Request) -> defer.Deferred[tuple[int, bytes, bytes]]:
+        return sup.status().addCallback(
+            lambda s: status_page(request.args, s, sup.reactor.seconds())
+        )
+
     root = Resource()
     root.putChild(b"healthz", _Async(lambda: (200, b"text/plain", b"ok\n")))  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", _Async(ready))  # type: ignore[no-untyped-call]
     root.putChild(b"metrics", _Async(metrics))  # type: ignore[no-untyped-call]
     root.putChild(b"status", _Async(status))  # type: ignore[no-untyped-call]
+    root.putChild(b"", _Async(page, with_request=True))  # type: ignore[no-untyped-call]
     site = Site(root)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]

@@ -3,14 +3,20 @@ in a real /metrics scrape, and the status page at / renders in a real browser.""
 
 from __future__ import annotations
 
+import datetime
+import html
 import json
+import os
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import (
@@ -223,3 +229,49 @@ def test_with_workers_the_supervisor_exports_the_workers_panels_metrics(env: Env
         sidecar.stop()
     assert {"mtls_sidecar_worker_resident_bytes", "mtls_sidecar_worker_restarts_total",
             "process_resident_memory_bytes", "mtls_sidecar_route_up"} <= have  # fmt: skip
+
+
+def chromium_dom(url: str, profile: Path) -> str:
+    """The page as Debian's chromium renders it, headless, with nothing fetched but `url`."""
+    browser = shutil.which("chromium")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required: apt-get install chromium (.ci/run does)")
+        pytest.skip("chromium not installed (Debian package chromium)")
+    out = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def visible_text(dom: str) -> str:
+    dom = re.sub(r"(?s)<(style|head)\b.*?</\1>", " ", dom)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom))).strip()
+
+
+def test_the_status_page_renders_in_a_real_browser(env: Env, tmp_path: Path) -> None:
+    dom = chromium_dom(f"http://127.0.0.1:{env.admin}/?refresh=30", tmp_path / "profile")
+    text = visible_text(dom)
+    client = x509.load_pem_x509_certificate((env.dir / "client.pem").read_bytes())
+    days = (client.not_valid_after_utc - datetime.datetime.now(datetime.UTC)).days
+    assert "Pod readiness: ready" in text, text
+    # routes with their state and counts: three egress requests (one 502), one ingress request
+    assert re.search(r"d1-ppr egress up 3 0 1 ", text), text
+    assert re.search(r"d1-callbacks ingress up 1 0 0 ", text), text
+    # the client certificate with its days left, in words
+    assert f"{client.subject.rfc4514_string()} " in text
+    assert re.search(rf"{days} days \((ok|renew soon|warning|critical)\)", text), text
+    # the OAuth token's state, never the token
+    assert re.search(r"d1-ppr valid, \d+ s left", text), text
+    assert '<meta http-equiv="refresh" content="30">' in dom
+    assert "<script" not in dom.lower()
+
+
+def test_the_status_page_refuses_a_bad_refresh(env: Env) -> None:
+    bad = curl(f"http://127.0.0.1:{env.admin}/?refresh=0")
+    assert bad.status == 400
+    assert b"refresh must be whole seconds from 1 to 3600" in bad.body
