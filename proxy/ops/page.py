@@ -74,7 +74,7 @@ def render(status: Mapping[str, Any], now: float, refresh: int | None = None) ->
     body += _certificates(routes, now)
     body += _tokens(routes, now)
     body += _workers(status.get("workers"))
-    body += _reload(status.get("last_reload"))
+    body += _reload(status.get("last_reload", "unknown"))
     body.append(
         '<p>Machine-readable: <a href="status">/status</a> (JSON), '
         '<a href="metrics">/metrics</a> (Prometheus).</p>'
@@ -237,6 +237,8 @@ def _workers(workers: Any) -> list[str]:
 
 
 def _reload(last: Any) -> list[str]:
+    if last == "unknown":
+        return ["<h2>Last reload</h2>", "<p>Unknown: the report does not say.</p>"]
     if not isinstance(last, Mapping) or not last.get("time"):
         return ["<h2>Last reload</h2>", "<p>No reload since start.</p>"]
     result = str(last.get("result", "unknown"))

@@ -153,7 +153,8 @@ def test_values_are_escaped() -> None:
 
 def test_a_report_with_missing_keys_still_renders() -> None:
     text = text_of(page.render({}, NOW))
-    assert "NOT READY" in text and "No routes." in text and "No reload since start." in text
+    assert "NOT READY" in text and "No routes." in text and "Last reload Unknown" in text
+    assert "No reload since start." in text_of(page.render(report(last_reload=None), NOW))
     sparse = {
         "ready": False,
         "reasons": ["d1-ppr: no valid OAuth token yet"],
