@@ -8,7 +8,7 @@ import re
 import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import defer, task
@@ -23,6 +23,9 @@ from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
 from proxy.telemetry.logs import AcceptErrors, AccessLog, rfc3339
 from proxy.telemetry.metrics import Metrics, RouteStats
+
+if TYPE_CHECKING:
+    from proxy.telemetry.tracing import Tracer
 from proxy.tls import contexts as tls
 from proxy.tls import pki
 from proxy.wire.pool import Pool
@@ -172,6 +175,8 @@ RESTART_KEYS = {
 
 def _restart_keys(running: cfg.Config, new: cfg.Config) -> list[str]:
     keys = ["admin.listen"] if running.admin != new.admin else []
+    if running.tracing != new.tracing:
+        keys.append("tracing")
     for key, field in RESTART_KEYS.items():
         if getattr(running.service, field, None) != getattr(new.service, field, None):
             keys.append(key)
@@ -182,7 +187,8 @@ def _in_effect(running: cfg.Config, new: cfg.Config) -> cfg.Config:
     """`new`, with the running values of the keys that need a restart."""
     kept = {f: getattr(running.service, f) for f in RESTART_KEYS.values()
             if hasattr(running.service, f)}  # fmt: skip
-    return attrs.evolve(new, admin=running.admin, service=attrs.evolve(new.service, **kept))
+    return attrs.evolve(new, admin=running.admin, tracing=running.tracing,
+                        service=attrs.evolve(new.service, **kept))  # fmt: skip
 
 
 class Sidecar:
@@ -221,12 +227,20 @@ class Sidecar:
         self.accept_errors: AcceptErrors | None = None  # set when logging starts
         self.last_connect: dict[str, dict[str, Any]] = {}  # route -> last upstream connect
         self.started = reactor.seconds()
+        self.tracer: Tracer | None = None  # built with the routes when [tracing] is set
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
     # ---- build (raises tls.MaterialError before anything listens)
     def build(self) -> None:
         self._seen = self._stat_watched()  # before reading: a change while building is seen
+        if self.config.tracing is not None and self.tracer is None:
+            from proxy.telemetry.tracing import Tracer, TracingError
+
+            try:
+                self.tracer = Tracer(self.config.tracing, self.metrics)
+            except TracingError as e:
+                raise tls.MaterialError(str(e)) from None
         for rc in self.config.routes():
             files = _signature(_oauth_paths(rc))
             if isinstance(rc, cfg.EgressRoute):
@@ -315,6 +329,7 @@ class Sidecar:
             pool=pool,
             metrics=self.metrics,
             access_log=self.access_log,
+            tracer=self.tracer,
         )
         return RouteState(rc, route, client_tls=client)
 
@@ -336,6 +351,7 @@ class Sidecar:
             pool=pool,
             metrics=self.metrics,
             access_log=self.access_log,
+            tracer=self.tracer,
         )
         return RouteState(ri, route, client_tls=client, server_tls=server)
 
@@ -864,6 +880,8 @@ class Sidecar:
                     s.route.abort_all()
                 poll.stop()
                 self.access_log.flush()
+                if self.tracer is not None:
+                    self.tracer.close()
                 done.callback(None)
 
         poll = task.LoopingCall(check)

@@ -71,7 +71,11 @@ class Egress(Route):
             if lname == CORRELATION:
                 has_correlation = True
             out.append((name, value))
-        if not has_correlation:
+        if self.tracer is not None:
+            trace_id = self.traced(head, down, out)
+            if not has_correlation:  # so the partner's support and our traces meet
+                out.append((b"x-correlation-id", trace_id.encode()))
+        elif not has_correlation:
             out.append((b"x-correlation-id", new_correlation_id()))
         return self.base_path + target, out
 

@@ -99,6 +99,8 @@ class Metrics:
     accept_errors: Counter
     connections_refused: Counter
     route_up: Gauge
+    trace_spans_exported: Counter
+    trace_spans_dropped: Counter
 
     pools: _PoolCollector = attrs.field(factory=_PoolCollector)
 
@@ -187,6 +189,17 @@ class Metrics:
                 p + "route_up",
                 "1 while the route serves, 0 while it is down.",
                 ["route", "direction"],
+                registry=r,
+            ),
+            trace_spans_exported=Counter(
+                p + "trace_spans_exported",
+                "Spans the OTLP collector accepted ([tracing]).",
+                registry=r,
+            ),
+            trace_spans_dropped=Counter(
+                p + "trace_spans_dropped",
+                "Spans lost: the export queue was full, or the collector did not take them.",
+                ["reason"],
                 registry=r,
             ),
         )

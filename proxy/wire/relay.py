@@ -64,6 +64,7 @@ class Exchange:
         "started",
         "status",
         "target",
+        "trace",
         "up",
         "up_address",
         "up_chunked",
@@ -93,6 +94,7 @@ class Exchange:
         self.extra: list[tuple[bytes, bytes]] = []
         self.waiting: defer.Deferred[Any] | None = None
         self.local: LocalHandler | None = None
+        self.trace: tuple[Any, str] | None = None  # (span, trace id) with [tracing]
 
     # ---- request side
     def start(self) -> None:
