@@ -21,7 +21,7 @@ from proxy.ops import audit
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
-from proxy.telemetry.logs import AcceptErrors, AccessLog, rfc3339
+from proxy.telemetry.logs import AcceptErrors, AccessLog, RateLimitedLog, rfc3339
 from proxy.telemetry.metrics import Metrics, RouteStats
 
 if TYPE_CHECKING:
@@ -228,6 +228,7 @@ class Sidecar:
         self.last_connect: dict[str, dict[str, Any]] = {}  # route -> last upstream connect
         self.started = reactor.seconds()
         self.tracer: Tracer | None = None  # built with the routes when [tracing] is set
+        self._trace_log = RateLimitedLog(self.log, reactor)
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
@@ -238,7 +239,7 @@ class Sidecar:
             from proxy.telemetry.tracing import Tracer, TracingError
 
             try:
-                self.tracer = Tracer(self.config.tracing, self.metrics)
+                self.tracer = Tracer(self.config.tracing, self.metrics, self._trace_warning)
             except TracingError as e:
                 raise tls.MaterialError(str(e)) from None
         for rc in self.config.routes():
@@ -250,6 +251,13 @@ class Sidecar:
             state.oauth_files = files
             self.routes.append(state)
         self._record_expiry()
+
+    def _trace_warning(self, key: str, message: str) -> None:
+        """The tracing SDK's warnings, from its export thread: a few per 10 s in the log (the
+        metrics count every dropped span)."""
+        self.reactor.callFromThread(
+            self._trace_log.warn, f"tracing:{key}", "tracing: {message}", message=message
+        )
 
     def _pool(self, name: str, up: cfg.Upstream, client_tls: tls.ClientTLS | None,
               r: cfg.EgressRoute | cfg.IngressRoute) -> Pool:  # fmt: skip

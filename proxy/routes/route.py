@@ -124,7 +124,7 @@ class Route:
             )
             trace = (span, trace_id)
         failed = ex.status >= 500 or ex.error is not None
-        self.tracer.end(trace[0], now, self.span_attributes(ex, down), failed)
+        self.tracer.end(trace[0], now, lambda: self.span_attributes(ex, down), failed)
         return trace[1]
 
     # ---- connection accounting

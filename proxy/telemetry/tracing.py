@@ -6,8 +6,10 @@ is down or slow fills a bounded queue, and what does not fit is dropped and coun
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +60,14 @@ def read_headers(path: Path) -> dict[str, str]:
 class Tracer:
     """Starts and ends the span of an exchange; SERVER on ingress, CLIENT on egress."""
 
-    def __init__(self, config: TracingConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: TracingConfig,
+        metrics: Metrics,
+        warn: Callable[[str, str], None] = lambda key, message: None,
+    ) -> None:
+        """`warn(key, message)` gets the SDK's warnings (a dead collector, a full queue), from
+        any thread; the caller rate-limits them into the sidecar's own log."""
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             from opentelemetry.sdk.resources import Resource
@@ -73,6 +82,7 @@ class Tracer:
                 f"[tracing] needs the tracing extra (pip install 'mtls-sidecar[tracing]'): {e}"
             ) from None
         headers = read_headers(config.headers_file) if config.headers_file else {}
+        _route_sdk_logs(warn)
         self._kinds = {"ingress": SpanKind.SERVER, "egress": SpanKind.CLIENT}
         self._error = Status(StatusCode.ERROR)
         self._in_context = set_span_in_context
@@ -105,9 +115,11 @@ class Tracer:
         out = [(k.encode(), v.encode()) for k, v in carrier.items()]
         return span, f"{span.get_span_context().trace_id:032x}", out
 
-    def end(self, span: Any, ended: float, attributes: dict[str, Any], failed: bool) -> None:
-        if span.is_recording():
-            span.set_attributes(attributes)
+    def end(
+        self, span: Any, ended: float, attributes: Callable[[], dict[str, Any]], failed: bool
+    ) -> None:
+        if span.is_recording():  # an unsampled span costs no attributes
+            span.set_attributes(attributes())
             if failed:
                 span.set_status(self._error)
         span.end(end_time=int(ended * 1e9))
@@ -118,6 +130,29 @@ class Tracer:
         t = threading.Thread(target=self.provider.shutdown, daemon=True, name="trace-shutdown")
         t.start()
         t.join(wait)
+
+
+class _SdkLogs(logging.Handler):
+    def __init__(self, warn: Callable[[str, str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.warn = warn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.warn(record.name, record.getMessage())
+        except Exception:
+            self.handleError(record)
+
+
+def _route_sdk_logs(warn: Callable[[str, str], None]) -> None:
+    """OpenTelemetry logs through Python's logging, which would print plain lines on stderr
+    beside the sidecar's JSON: send its warnings to `warn` instead."""
+    logger = logging.getLogger("opentelemetry")
+    for handler in [h for h in logger.handlers if isinstance(h, _SdkLogs)]:
+        logger.removeHandler(handler)
+    logger.addHandler(_SdkLogs(warn))
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
 
 
 class _CountingExporter:

@@ -326,6 +326,10 @@ def test_a_dead_collector_costs_requests_nothing_and_drops_are_counted(env: Env)
         slowest = max(x["duration_ms"] for x in access_lines(sidecar))
     finally:
         sidecar.stop()
+    log = [line for line in sidecar.log().splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in log), log  # the SDK's warnings as JSON too
+    warnings = [json.loads(x)["msg"] for x in log if '"tracing: ' in x]
+    assert warnings and len(warnings) <= 10, warnings  # rate-limited, not one per span
     assert codes == [200] * 40
     # the export waits up to 1 s on the dead collector: none of that on the request path
     assert slowest < 250, slowest
