@@ -7,6 +7,7 @@ is down or slow fills a bounded queue, and what does not fit is dropped and coun
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -88,7 +89,10 @@ class Tracer:
         self._in_context = set_span_in_context
         self.propagator = TraceContextTextMapPropagator()
         self.provider = TracerProvider(
-            resource=Resource.create({"service.name": config.service_name}),
+            # the pid tells apart the workers, each exporting its own spans
+            resource=Resource.create(
+                {"service.name": config.service_name, "process.pid": os.getpid()}
+            ),
             sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
         )
         exporter = _CountingExporter(

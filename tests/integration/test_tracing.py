@@ -62,7 +62,10 @@ class Receiver:
                     receiver.raw.append(body)
                     receiver.headers.append({k.lower(): v for k, v in self.headers.items()})
                     for rs in request.resource_spans:
-                        resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                        resource = {
+                            a.key: a.value.string_value or a.value.int_value
+                            for a in rs.resource.attributes
+                        }
                         for ss in rs.scope_spans:
                             for span in ss.spans:
                                 receiver.spans.append(span)
@@ -364,3 +367,32 @@ def test_sample_ratio_zero_still_propagates_and_follows_a_sampled_caller(env: En
     assert echoed(followed.body)["tp"].split("-")[1] == TRACE
     assert [s.trace_id.hex() for s in receiver.spans] == [TRACE]
     assert spans[0].parent_span_id.hex() == PARENT
+
+
+def test_each_worker_exports_its_own_spans(env: Env) -> None:
+    with Receiver() as receiver:
+        sidecar, ports = start(
+            env,
+            "workers",
+            f"""
+            [service]
+            workers = 2
+            [tracing]
+            otlp_endpoint = "http://127.0.0.1:{receiver.port}"
+            """,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while curl(f"http://127.0.0.1:{ports['admin']}/readyz").status != 200:
+                assert time.monotonic() < deadline, sidecar.log()
+                time.sleep(0.2)
+            workers = {w["pid"] for w in json.loads(
+                curl(f"http://127.0.0.1:{ports['admin']}/status").body)["workers"]}  # fmt: skip
+            codes = [curl(f"http://127.0.0.1:{ports['egress']}/w{i}").status for i in range(10)]
+            receiver.wait(10)
+        finally:
+            sidecar.stop()
+    assert codes == [200] * 10
+    pids = {r["process.pid"] for r in receiver.resources}
+    assert sidecar.proc is not None and sidecar.proc.pid not in pids  # not via the supervisor
+    assert pids and pids <= workers, (pids, workers)
