@@ -28,9 +28,12 @@ from tests.harness import (
     free_port,
     mtls_server,
     origin_pki,
+    stop,
+    wait_port,
     write_config,
     write_oauth_key,
 )
+from tests.pkifactory import make_ca, write_ca
 
 pytestmark = pytest.mark.integration
 
@@ -275,3 +278,46 @@ def test_the_status_page_refuses_a_bad_refresh(env: Env) -> None:
     bad = curl(f"http://127.0.0.1:{env.admin}/?refresh=0")
     assert bad.status == 400
     assert b"refresh must be whole seconds from 1 to 3600" in bad.body
+
+
+def test_a_partner_refusing_our_client_certificate_counts_as_unknown_ca(env: Env) -> None:
+    """What MtlsSidecarHandshakeFailures names: the partner's unknown_ca alert (TLS 1.2; under
+    TLS 1.3 the alert comes after the handshake and the request fails as upstream_closed)."""
+    d = env.dir
+    write_ca(make_ca("C=FR,O=Other,CN=Other CA"), d / "other-ca.pem")
+    origin, port, admin = free_port(), free_port(), free_port()
+    partner = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{origin}", "-cert", str(d / "origin.pem"),
+         "-key", str(d / "origin.key"), "-CAfile", str(d / "other-ca.pem"), "-Verify", "1",
+         "-verify_return_error", "-tls1_2", "-www", "-quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    sidecar = None
+    try:
+        wait_port("127.0.0.1", origin, partner)
+        conf = write_config(
+            d / "unknown-ca.toml",
+            f"""
+            [admin]
+            listen = "127.0.0.1:{admin}"
+            [[egress]]
+            name = "wrong-cert"
+            listen = "127.0.0.1:{port}"
+            upstream = "https://localhost:{origin}"
+            client_cert = "client.pem"
+            client_key = "client.key"
+            trust = "server-ca.pem"
+            """,
+        )
+        sidecar = Sidecar(conf).start([("127.0.0.1", port), ("127.0.0.1", admin)])
+        answer = curl(f"http://127.0.0.1:{port}/x")
+        page = curl(f"http://127.0.0.1:{admin}/metrics").body.decode()
+    finally:
+        if sidecar is not None:
+            sidecar.stop()
+        stop(partner)
+    assert answer.status == 502 and b"unknown ca" in answer.body
+    assert (
+        'mtls_sidecar_tls_handshake_errors_total{reason="unknown_ca",route="wrong-cert"} 1.0'
+        in page
+    )
