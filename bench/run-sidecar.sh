@@ -32,3 +32,4 @@ for i in $(seq "$RUNS"); do
 done
 "$root/.venv/bin/python" "$here/ratios.py" "${dirs[@]}"
 "$root/.venv/bin/python" "$here/idle_rss.py"
+"$root/.venv/bin/python" "$here/tracing.py"   # CPU per request: [tracing] off, ratio 0, ratio 1.0

@@ -232,12 +232,25 @@ class ServiceConfig:
 
 
 @attrs.frozen
+class TracingConfig:
+    """[tracing]: one span per exchange, exported over OTLP/HTTP (protobuf)."""
+
+    otlp_endpoint: str  # the full URL spans are POSTed to, e.g. http://127.0.0.1:4318/v1/traces
+    service_name: str = "mtls-sidecar"
+    sample_ratio: float = 1.0  # for traces we start; a caller's sampled flag is followed
+    headers_file: Path | None = None  # "Name: value" lines sent to the collector (its auth)
+    max_queue_size: int = 2048  # spans waiting for export; past it they are dropped and counted
+    export_timeout: float = 10.0
+
+
+@attrs.frozen
 class Config:
     path: Path
     service: ServiceConfig
     admin: AdminConfig | None
     egress: tuple[EgressRoute, ...]
     ingress: tuple[IngressRoute, ...]
+    tracing: TracingConfig | None = None
 
     def routes(self) -> tuple[EgressRoute | IngressRoute, ...]:
         return (*self.egress, *self.ingress)
@@ -893,6 +906,56 @@ class _Loader:
             malloc_trim_interval=trim,
         )
 
+    def tracing(self, root: _Reader) -> TracingConfig | None:
+        t = root.sub("tracing")
+        if t is None:
+            return None
+        d = TracingConfig("")
+        endpoint = t.require("otlp_endpoint", _otlp_endpoint)
+        name = t.get("service_name", _str, d.service_name)
+        if not name:
+            t.error("service_name", "must not be empty")
+        ratio = t.get("sample_ratio", _ratio, d.sample_ratio)
+        headers = t.get("headers_file", self.file)
+        queue = t.get("max_queue_size", _int, d.max_queue_size)
+        if queue is not None and queue < 1:
+            t.error("max_queue_size", "must be at least 1")
+        timeout = t.get("export_timeout", parse_duration, d.export_timeout)
+        if timeout is not None and timeout <= 0:
+            t.error("export_timeout", "must be more than 0 (seconds)")
+        t.finish()
+        if not endpoint:
+            return None
+        return TracingConfig(
+            otlp_endpoint=endpoint,
+            service_name=name or d.service_name,
+            sample_ratio=d.sample_ratio if ratio is None else ratio,
+            headers_file=headers,
+            max_queue_size=max(1, queue or d.max_queue_size),
+            export_timeout=timeout if timeout and timeout > 0 else d.export_timeout,
+        )
+
+
+def _otlp_endpoint(value: object) -> str:
+    """OTLP/HTTP's traces URL; a bare http(s)://host:port gets the standard /v1/traces path."""
+    text = _str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Bad(f"expected an http(s):// URL like 'http://127.0.0.1:4318', got {text!r}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise _Bad("no credentials, query or fragment in the URL (use headers_file for auth)")
+    try:
+        parts.port  # noqa: B018 (a bad port raises here)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    return text if parts.path not in ("", "/") else text.rstrip("/") + "/v1/traces"
+
+
+def _ratio(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise _Bad(f"expected a number from 0 to 1, got {value!r}")
+    return float(value)
+
 
 def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Parse and validate the file's syntax, types, keys and file paths (not key material)."""
@@ -943,6 +1006,7 @@ def parse(
         status_from = _networks(a, "status_from")
         a.finish()
         admin = AdminConfig(listen, status_from) if listen else None
+    tracing = loader.tracing(root)
     egress: list[EgressRoute] = []
     ingress: list[IngressRoute] = []
     prefixes: dict[int, str] = {}
@@ -964,7 +1028,7 @@ def parse(
     _check_unique(loader, [*egress, *ingress], prefixes, admin)
     if not egress and not ingress and not any(f.level == "error" for f in loader.findings):
         loader.add("error", "", "no [[egress]] or [[ingress]] route defined")
-    config = Config(p, service, admin, tuple(egress), tuple(ingress))
+    config = Config(p, service, admin, tuple(egress), tuple(ingress), tracing)
     return config, loader.findings
 
 

@@ -454,6 +454,8 @@ class TokenSource:
         self._stopped = False
         if self._metrics is not None:
             self._metrics.oauth_token_expiry.labels(self._route).set_function(self._seconds_left)
+            self._metrics.oauth_token_fetches.labels(self._route)  # exported at 0 from start
+            self._metrics.oauth_token_failures.labels(self._route)
         if self._inflight is None and not self._usable(self._clock.seconds()):
             self._start_fetch()
 

@@ -1,10 +1,12 @@
 """Admin listener: /healthz, /readyz, /readyz/<route>, /metrics (twisted.web: it is off the data
-path), and /status only to the peers in [admin] status_from (it names files, issuers, key ids)."""
+path), and /status and the page at / only to the peers in [admin] status_from (they name files,
+issuers, key ids)."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -12,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from proxy.ops import page
 from proxy.ops.health import Check, render_checks
 
 
@@ -75,15 +78,24 @@ def readyz_answer(
 
 
 class _Status(Resource):
+    """/status (JSON) and / (the same report as a page for people): one handler, one gate."""
+
     isLeaf = True
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, clock: Callable[[], float], page: bool = False) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.state = state
+        self.clock = clock
+        self.page = page
 
     def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
+        if self.page:
+            code, kind, body = status_page(request.args, self.state.status(), self.clock())
+            request.setResponseCode(code)
+            request.setHeader(b"content-type", kind)
+            return body
+        request.setHeader(b"content-type", b"application/json")
         return json.dumps(self.state.status(), indent=2, default=str).encode() + b"\n"
 
 
@@ -120,6 +132,17 @@ def peer_allowed(address: Any, allowed: Sequence[Any]) -> bool:
     return any(ip.version == net.version and ip in net for net in allowed)
 
 
+def status_page(
+    args: dict[bytes, list[bytes]], status: dict[str, Any], now: float
+) -> tuple[int, bytes, bytes]:
+    """(code, content type, body) of the HTML page for a /status report; 400 for a bad ?refresh=."""
+    try:
+        refresh = page.refresh_seconds(args.get(b"refresh"))
+    except page.RefreshError as e:
+        return 400, b"text/plain; charset=utf-8", f"{e}\n".encode()
+    return 200, b"text/html; charset=utf-8", page.render(status, now, refresh)
+
+
 class _Metrics(Resource):
     isLeaf = True
 
@@ -133,11 +156,17 @@ class _Metrics(Resource):
         return out
 
 
-def admin_site(state: State, registry: CollectorRegistry, status_from: Sequence[Any]) -> Any:
+def admin_site(
+    state: State,
+    registry: CollectorRegistry,
+    status_from: Sequence[Any],
+    clock: Callable[[], float] = time.time,
+) -> Any:
     root = Resource()
+    root.putChild(b"", PeerGate(_Status(state, clock, page=True), status_from))
     root.putChild(b"healthz", _Health())  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", _Ready(state))
-    root.putChild(b"status", PeerGate(_Status(state), status_from))
+    root.putChild(b"status", PeerGate(_Status(state, clock), status_from))
     root.putChild(b"metrics", _Metrics(registry))
     site = Site(root)
     site.noisy = False

@@ -10,7 +10,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 from twisted.internet import defer, task
@@ -25,14 +25,17 @@ from proxy.pkcs11uri import Pkcs11URI
 from proxy.routes.egress import Egress
 from proxy.routes.ingress import Ingress
 from proxy.routes.route import Route
-from proxy.telemetry.logs import AcceptErrors, AccessLog, log_line, rfc3339
-from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.logs import AcceptErrors, AccessLog, RateLimitedLog, log_line, rfc3339
+from proxy.telemetry.metrics import Metrics, RouteStats
 from proxy.tls import contexts as tls
 from proxy.tls import pki, revocation
 from proxy.wire.pool import Pool
 from proxy.wire.relay import DownstreamFactory
 from proxy.wire.resolver import DNSResolver
 from proxy.wire.tunnel import ProxyHop, hop_for, proxy_auth
+
+if TYPE_CHECKING:
+    from proxy.telemetry.tracing import Tracer
 
 SWEEP_INTERVAL = 0.25
 STALE_CRL_REPEAT = 3600.0  # a stale CRL's error line comes again this often while it stays
@@ -200,6 +203,8 @@ def _restart_keys(running: cfg.Config, new: cfg.Config) -> list[str]:
     keys = ["admin.listen"] if (old and old.listen) != (now and now.listen) else []
     if old and now and old.status_from != now.status_from:
         keys.append("admin.status_from")
+    if running.tracing != new.tracing:
+        keys.append("tracing")
     for key, field in RESTART_KEYS.items():
         if getattr(running.service, field, None) != getattr(new.service, field, None):
             keys.append(key)
@@ -210,7 +215,8 @@ def _in_effect(running: cfg.Config, new: cfg.Config) -> cfg.Config:
     """`new`, with the running values of the keys that need a restart."""
     kept = {f: getattr(running.service, f) for f in RESTART_KEYS.values()
             if hasattr(running.service, f)}  # fmt: skip
-    return attrs.evolve(new, admin=running.admin, service=attrs.evolve(new.service, **kept))
+    return attrs.evolve(new, admin=running.admin, tracing=running.tracing,
+                        service=attrs.evolve(new.service, **kept))  # fmt: skip
 
 
 class Sidecar:
@@ -255,12 +261,22 @@ class Sidecar:
         self.started_at = reactor.seconds()
         self.health = health.Health(self, _token_state, announce=announce, wall=wall)
         self._stale_crl_logged: dict[str, tuple[int, float]] = {}  # route -> (CRLs, when)
+        self.started = reactor.seconds()
+        self.tracer: Tracer | None = None  # built with the routes when [tracing] is set
+        self._trace_log = RateLimitedLog(self.log, reactor)
         ns = config.service.nameservers
         self.resolver = DNSResolver(ns) if ns else reactor.nameResolver
 
     # ---- build (raises tls.MaterialError before anything listens)
     def build(self) -> None:
         self._seen = self._stat_watched()  # before reading: a change while building is seen
+        if self.config.tracing is not None and self.tracer is None:
+            from proxy.telemetry.tracing import Tracer, TracingError
+
+            try:
+                self.tracer = Tracer(self.config.tracing, self.metrics, self._trace_warning)
+            except TracingError as e:
+                raise tls.MaterialError(str(e)) from None
         for rc in self.config.routes():
             files = _signature(_oauth_paths(rc))
             if isinstance(rc, cfg.EgressRoute):
@@ -270,6 +286,13 @@ class Sidecar:
             state.oauth_files = files
             self.routes.append(state)
         self._record_expiry()
+
+    def _trace_warning(self, key: str, message: str) -> None:
+        """The tracing SDK's warnings, from its export thread: a few per 10 s in the log (the
+        metrics count every dropped span)."""
+        self.reactor.callFromThread(
+            self._trace_log.warn, f"tracing:{key}", "tracing: {message}", message=message
+        )
 
     def _pool(self, name: str, up: cfg.Upstream, client_tls: tls.ClientTLS | None,
               r: cfg.EgressRoute | cfg.IngressRoute, hop: ProxyHop | None = None,
@@ -370,6 +393,7 @@ class Sidecar:
             pool=pool,
             metrics=self.metrics,
             access_log=self.access_log,
+            tracer=self.tracer,
         )
         return RouteState(rc, route, client_tls=client)
 
@@ -391,6 +415,7 @@ class Sidecar:
             pool=pool,
             metrics=self.metrics,
             access_log=self.access_log,
+            tracer=self.tracer,
         )
         return RouteState(ri, route, client_tls=client, server_tls=server)
 
@@ -444,8 +469,10 @@ class Sidecar:
                         for k, v in token.items()
                     },
                     "last_upstream_connect": self.last_connect.get(c.name),
+                    "requests": request_counts(self.metrics.routes, c.name, c.direction),
                 }
             )
+        now = self.reactor.seconds()
         reasons = self.readiness()
         return {
             "ready": not reasons,
@@ -465,11 +492,14 @@ class Sidecar:
             state.port = self._open_listener(state)
             state.route.listener = state.port
             self._log_listening(state)
+            self.metrics.route_up.labels(state.config.name, state.config.direction).set(1)
+            for reason in ("max_connections", "draining"):  # exported at 0 from start
+                self.metrics.connections_refused.labels(state.config.name, reason)
         if self.config.admin is not None:
             from proxy.ops.admin import admin_site
 
             where, status_from = self.config.admin.listen, self.config.admin.status_from
-            site = admin_site(self, self.metrics.registry, status_from)
+            site = admin_site(self, self.metrics.registry, status_from, self.reactor.seconds)
             try:
                 self.admin_port = self._listen(where, site, {})
             except CannotListenError as e:
@@ -943,6 +973,8 @@ class Sidecar:
                     s.route.abort_all()
                 poll.stop()
                 self.access_log.flush()
+                if self.tracer is not None:
+                    self.tracer.close()
                 # the last line: an operator reading the log knows the stop was complete
                 self.log.info(
                     "stopped after a {s:.1f}s drain; connections cut at the drain timeout: {n}",
@@ -964,6 +996,16 @@ def _token_state(route: Route) -> dict[str, Any] | None:
         return None  # held by the supervisor, which reports it
     state = getattr(getattr(glue, "source", None), "state", None)
     return dict(state()) if state is not None else None
+
+
+def request_counts(stats: list[RouteStats], route: str, direction: str) -> dict[str, Any]:
+    """Requests answered on a route since start (every build of it), by status code."""
+    codes: dict[str, int] = {}
+    for s in stats:
+        if s.route == route and s.direction == direction:
+            for code, n in s.codes.items():
+                codes[str(code)] = codes.get(str(code), 0) + n
+    return {"total": sum(codes.values()), "by_code": dict(sorted(codes.items()))}
 
 
 def _cert_facts(cert: Any) -> dict[str, str]:
@@ -1002,6 +1044,7 @@ def _reason_label(detail: str) -> str:
         ("expired", "certificate_expired"),
         ("not yet valid", "certificate_not_yet_valid"),
         ("hostname mismatch", "hostname_mismatch"),
+        ("unknown ca", "unknown_ca"),  # the partner does not know our client certificate
         ("not trusted", "certificate_untrusted"),
         ("protocol version", "protocol_version"),
         ("unsupported protocol", "protocol_version"),

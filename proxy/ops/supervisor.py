@@ -38,7 +38,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from proxy import config as cfg
 from proxy.oauth import glue
 from proxy.ops import audit
-from proxy.ops.admin import PeerGate, readyz_answer, readyz_target
+from proxy.ops.admin import PeerGate, readyz_answer, readyz_target, status_page
 from proxy.ops.channel import Channel, ChannelFactory
 from proxy.ops.health import Check, log_findings
 from proxy.ops.service import (
@@ -584,7 +584,9 @@ class Supervisor:
         stats = [_within(self.reactor, w.channel.call("stats"), 5.0) for w in self.workers]
         counted = defer.DeferredList(stats, consumeErrors=True)
 
-        def add(report: dict[str, Any], counts: list[tuple[bool, Any]]) -> dict[str, Any]:
+        def add(
+            report: dict[str, Any], counts: list[tuple[bool, Any]]
+        ) -> defer.Deferred[dict[str, Any]]:
             now = self.reactor.seconds()
             for route in report.get("routes", []):
                 source = self.tokens.get(route["name"])
@@ -605,7 +607,8 @@ class Supervisor:
             report["uptime_seconds"] = round(now - self.started_at, 3)
             report["last_reload"] = self.last_reload
             report["restart_keys"] = restart_only_keys(supervised=True)
-            return report
+            # a worker counts only its own requests: take every worker's from the merged metrics
+            return self.metrics_text().addCallback(lambda text: _with_counts(report, text))
 
         both = defer.gatherResults([asked, counted])
         return both.addCallback(lambda results: add(results[0], results[1]))
@@ -615,6 +618,26 @@ def _token_view(state: Any) -> dict[str, Any]:
     """A token source's state with RFC 3339 times."""
     times = ("valid_until", "last_fetch")
     return {k: (rfc3339(float(v)) if k in times and v else v) for k, v in dict(state).items()}
+
+
+def _with_counts(report: dict[str, Any], text: bytes) -> dict[str, Any]:
+    codes: dict[tuple[str, str], dict[str, int]] = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        if fam.name != "mtls_sidecar_requests":
+            continue
+        for sample in fam.samples:
+            if sample.name.endswith("_total"):
+                key = (sample.labels.get("route", ""), sample.labels.get("direction", ""))
+                by_code = codes.setdefault(key, {})
+                code = sample.labels.get("code", "")
+                by_code[code] = by_code.get(code, 0) + int(sample.value)
+    for route in report.get("routes", []):
+        by_code = codes.get((route.get("name", ""), route.get("direction", "")), {})
+        route["requests"] = {
+            "total": sum(by_code.values()),
+            "by_code": dict(sorted(by_code.items())),
+        }
+    return report
 
 
 def _restarts_counter(metrics: Metrics) -> Any:
@@ -732,12 +755,18 @@ def _admin_site(sup: Supervisor) -> Site:
             lambda s: (200, b"application/json", json.dumps(s, indent=2, default=str).encode())
         )
 
+    def page(request: Request) -> defer.Deferred[tuple[int, bytes, bytes]]:
+        return sup.status().addCallback(
+            lambda s: status_page(request.args, s, sup.reactor.seconds())
+        )
+
     root = Resource()
     root.putChild(b"healthz", _Async(lambda: (200, b"text/plain", b"ok\n")))  # type: ignore[no-untyped-call]
     root.putChild(b"readyz", _Async(ready, with_request=True))  # type: ignore[no-untyped-call]
     root.putChild(b"metrics", _Async(metrics))  # type: ignore[no-untyped-call]
     status_from = sup.config.admin.status_from if sup.config.admin else ()
     root.putChild(b"status", PeerGate(_Async(status), status_from))
+    root.putChild(b"", PeerGate(_Async(page, with_request=True), status_from))
     site = Site(root)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]

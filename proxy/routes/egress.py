@@ -96,7 +96,11 @@ class Egress(Route):
             out.append((name, value))
         if hosts > 1:  # RFC 9112 3.2: a server answers 400 to more than one Host
             raise ProxyError(400, "bad_request", "more than one Host header")
-        if not has_correlation:
+        if self.tracer is not None:
+            trace_id = self.traced(head, down, out)
+            if not has_correlation:  # so the partner's support and our traces meet
+                out.append((b"x-correlation-id", trace_id.encode()))
+        elif not has_correlation:
             out.append((b"x-correlation-id", new_correlation_id()))
         return self.base_path + target, out
 

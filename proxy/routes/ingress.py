@@ -27,6 +27,7 @@ class Peer:
     subject: str
     allowed: bool
     headers: tuple[tuple[bytes, bytes], ...]
+    serial: str = ""  # hex, for spans
 
 
 def handshake_reason(down: Downstream, reason: Failure) -> str:
@@ -111,6 +112,7 @@ class Ingress(Route):
             subject=identity.rfc4514_subject(leaf),
             allowed=identity.subject_matches(leaf, patterns) if patterns else True,
             headers=tuple(identity.identity_headers(chain, self.config.identity_headers)),
+            serial=f"{leaf.serial_number:x}",
         )
 
     def connection_closed(self, down: Downstream, reason: Failure) -> None:
@@ -186,6 +188,8 @@ class Ingress(Route):
         out.extend(peer.headers)
         out.append((b"X-Forwarded-For", down.peer_host.encode()))
         out.append((b"X-Forwarded-Proto", b"https"))
+        if self.tracer is not None:
+            self.traced(head, down, out)
         return self.base_path + head.target, out
 
     def error_headers(self, err: ProxyError) -> list[tuple[bytes, bytes]]:
@@ -196,3 +200,12 @@ class Ingress(Route):
     def access_fields(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
         peer: Peer | None = down.peer
         return {"peer_subject": peer.subject} if peer is not None else {}
+
+    def span_attributes(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
+        attributes = super().span_attributes(ex, down)
+        attributes["client.address"] = down.peer_host
+        peer: Peer | None = down.peer
+        if peer is not None:  # who called: the name and serial, never the certificate
+            attributes["tls.client.subject"] = peer.subject
+            attributes["tls.client.serial_number"] = peer.serial
+        return attributes

@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 from proxy.config import Limits, Timeouts
 from proxy.telemetry.logs import AccessLog, RateLimitedLog, fields, route_fields
 from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.tracing import TRACEPARENT, TRACESTATE, Tracer, trace_id_of
 from proxy.wire.http import ProxyError, RequestHead, error_response
 from proxy.wire.pool import Pool
 from proxy.wire.relay import Downstream, Exchange, LocalHandler
@@ -32,8 +33,10 @@ class Route:
         pool: Pool,
         metrics: Metrics,
         access_log: AccessLog,
+        tracer: Tracer | None = None,
     ) -> None:
         self.name, self.clock = name, clock
+        self.tracer = tracer
         self.limits, self.timeouts, self.pool = limits, timeouts, pool
         self.metrics, self.access_log = metrics, access_log
         self.connections: set[Downstream] = set()
@@ -67,6 +70,62 @@ class Route:
 
     def access_fields(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
         return {}
+
+    def span_attributes(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
+        """What a span says of an exchange: never a token, a query string or a body."""
+        attributes: dict[str, Any] = {
+            "mtls_sidecar.route": self.name,
+            "mtls_sidecar.direction": self.direction,
+            "http.request.method": ex.head.method.decode("latin-1"),
+            "http.response.status_code": ex.status,
+        }
+        if ex.up_address:
+            attributes["network.peer.address"] = ex.up_address
+        if ex.error is not None:
+            attributes["error.type"] = ex.error.code
+        correlation = _correlation(ex)
+        if correlation:
+            attributes["mtls_sidecar.correlation_id"] = correlation.decode("latin-1")
+        return attributes
+
+    # ---- tracing
+    def traced(self, head: RequestHead, down: Downstream, out: list[tuple[bytes, bytes]]) -> str:
+        """With [tracing]: start the exchange's span as the caller's child and send the
+        upstream our span as its parent (`out` is edited). Returns the trace id."""
+        assert self.tracer is not None
+        carrier = {}
+        for name in (TRACEPARENT, TRACESTATE):
+            value = head.get(name)
+            if value is not None:
+                carrier[name.decode()] = value.decode("latin-1")
+        ex = down.exchange  # the exchange being prepared
+        assert ex is not None
+        span, trace_id, headers = self.tracer.start(
+            self.direction, f"{head.method.decode('latin-1')} {self.name}", carrier, ex.started
+        )
+        if carrier:
+            out[:] = [h for h in out if h[0].lower() not in (TRACEPARENT, TRACESTATE)]
+        out += headers
+        ex.trace = (span, trace_id)
+        return trace_id
+
+    def _end_span(self, ex: Exchange, down: Downstream, now: float) -> str:
+        assert self.tracer is not None
+        trace = ex.trace
+        if trace is None:  # answered without forwarding (refused, too large, ...): a span too
+            carrier = {}
+            for name in (TRACEPARENT, TRACESTATE):
+                value = ex.head.get(name)
+                if value is not None:
+                    carrier[name.decode()] = value.decode("latin-1")
+            method = ex.head.method.decode("latin-1")
+            span, trace_id, _ = self.tracer.start(
+                self.direction, f"{method} {self.name}", carrier, ex.started
+            )
+            trace = (span, trace_id)
+        failed = ex.status >= 500 or ex.error is not None
+        self.tracer.end(trace[0], now, lambda: self.span_attributes(ex, down), failed)
+        return trace[1]
 
     # ---- connection accounting
     def connection_opened(self, down: Downstream) -> bool:
@@ -139,6 +198,7 @@ class Route:
         status = ex.status
         now = self.clock.seconds()
         self.stats.record(status, now - ex.started)
+        trace_id = self._end_span(ex, down, now) if self.tracer is not None else None
         if self.access_log.enabled:
             head = ex.head
             method = head.method.decode("latin-1")
@@ -146,6 +206,10 @@ class Route:
             extra = self.access_fields(ex, down)
             if ex.error is not None:
                 extra = {"error": ex.error.code, **extra}
+            if trace_id is None:
+                trace_id = trace_id_of(ex.head.get(TRACEPARENT))
+            if trace_id is not None:
+                extra["trace_id"] = trace_id
             self.access_log.request(
                 now,
                 self._route_fields,

@@ -6,7 +6,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
 import attrs
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -125,6 +125,8 @@ class Metrics:
     accept_errors: Counter
     connections_refused: Counter
     route_up: Gauge
+    trace_spans_exported: Counter
+    trace_spans_dropped: Counter
 
     pools: _PoolCollector = attrs.field(factory=_PoolCollector)
     before_collect: list[Callable[[], None]] = attrs.field(factory=list)
@@ -156,6 +158,7 @@ class Metrics:
         r.register(_RequestCollector(routes))
         pools = _PoolCollector()
         r.register(pools)
+        ProcessCollector(registry=r)  # memory and CPU of this process (per worker once merged)
         metrics = cls(
             pools=pools,
             before_collect=hooks.hooks,
@@ -227,6 +230,17 @@ class Metrics:
                 "1 when the route can serve (listener open, certificates valid now, a token for"
                 " OAuth egress), else 0; /status says why.",
                 ["route", "direction"],
+                registry=r,
+            ),
+            trace_spans_exported=Counter(
+                p + "trace_spans_exported",
+                "Spans the OTLP collector accepted ([tracing]).",
+                registry=r,
+            ),
+            trace_spans_dropped=Counter(
+                p + "trace_spans_dropped",
+                "Spans lost: the export queue was full, or the collector did not take them.",
+                ["reason"],
                 registry=r,
             ),
         )

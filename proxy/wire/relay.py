@@ -65,6 +65,7 @@ class Exchange:
         "started",
         "status",
         "target",
+        "trace",
         "up",
         "up_address",
         "up_chunked",
@@ -95,6 +96,7 @@ class Exchange:
         self.waiting: defer.Deferred[Any] | None = None
         self.local: LocalHandler | None = None
         self.held: list[bytes] | None = None  # bytes for the upstream, until the read is parsed
+        self.trace: tuple[Any, str] | None = None  # (span, trace id) with [tracing]
 
     # ---- request side
     def start(self) -> None:
