@@ -3,6 +3,8 @@ as colours, real table headers, no script, and nothing secret."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import re
 from typing import Any
 
@@ -199,7 +201,8 @@ class FakeState:
 
 
 def test_the_admin_root_serves_the_page_from_the_status_report() -> None:
-    site = admin_site(FakeState(), None, clock=lambda: NOW)  # type: ignore[arg-type]
+    everyone = [ipaddress.ip_network("0.0.0.0/0")]  # the gate is tested in test_admin
+    site = admin_site(FakeState(), None, everyone, clock=lambda: NOW)  # type: ignore[arg-type]
     request = DummyRequest([b""])
     request.args = {b"refresh": [b"5"]}
     resource = site.getResourceFor(request)
