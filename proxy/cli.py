@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
 
     fmt = config.service.log_format
     # what `check` calls a mistake stops `run` too; a lapsed certificate takes its route down
-    findings = audit.audit(config)
+    findings = audit.audit(config, running=True)
     problems = audit.mistakes(findings)
     if problems:
         for f in problems:

@@ -679,7 +679,7 @@ class Sidecar:
                 raise _Refused(_findings_text(e.findings)) from None
             self._attempted = [p for rc in config.routes() for p in key_material_paths(rc)]
             seen.update((str(p), _file_state(p)) for p in self._attempted)
-            findings = audit.audit(config)
+            findings = audit.audit(config, running=True)
             problems = audit.mistakes(findings)  # what `check` calls a mistake is not swapped in
             if problems:
                 raise _Refused(_findings_text(problems))

@@ -453,7 +453,7 @@ class Supervisor:
             self.notifier.reloading()
         try:
             config = cfg.load(self.config.path)
-            findings = audit.audit(config)
+            findings = audit.audit(config, running=True)
             problems = audit.mistakes(findings)
             if problems:
                 raise tls.MaterialError(f"{problems[0].key}: {problems[0].message}")

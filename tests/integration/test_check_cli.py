@@ -345,4 +345,5 @@ def test_an_ingress_server_name_with_a_port_or_scheme_is_one_line_not_a_tracebac
         [SIDECAR, "run", "-c", str(path)], capture_output=True, text=True, timeout=10
     )
     assert out.returncode != 0 and "Traceback" not in out.stderr + out.stdout
-    assert out.stderr.strip().splitlines() == [f"mtls-sidecar: {expected}"]
+    lines = out.stderr.strip().splitlines()  # one JSON line: the config logs JSON
+    assert len(lines) == 1 and json.loads(lines[0])["msg"] == expected.removeprefix("error: ")

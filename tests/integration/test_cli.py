@@ -117,7 +117,7 @@ def test_probe_unknown_route_uses_the_error_prefix(tmp_path: Path) -> None:
         (["probe", "-c", "x.toml", "a", "b"], "probe [-h] ", "unrecognized arguments: b"),
         (["csr", *CSR_SUBJECT, "--key-out", "k", "--csr-out", "c", "--key-size", "4096"],
          "csr [-h] ", "unrecognized arguments: --key-size 4096"),
-        (["oauth-key"], "oauth-key [-h] ", "the following arguments are required: --key-out"),
+        (["oauth-key"], "oauth-key [-h] ", "one of the arguments --key-out --pkcs11 is required"),
         (["demo", "--fast"], "demo [-h]", "unrecognized arguments: --fast"),
         (["nope"], "[-h] [--version] COMMAND", "argument COMMAND: invalid choice: 'nope'"),
     ],
