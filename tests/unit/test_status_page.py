@@ -4,7 +4,6 @@ as colours, real table headers, no script, and nothing secret."""
 from __future__ import annotations
 
 import ipaddress
-
 import re
 from typing import Any
 
