@@ -156,28 +156,34 @@ def sides(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Side]]
          "--client-ca", str(d / "client-ca.pem")]
     ).start()  # fmt: skip
     plain_up = Peer([str(PEERS / "byte_recorder.py"), "--record", str(d / "ingress.jsonl")]).start()
-    egress, ingress = free_port(), free_port()
-    conf = write_config(
-        d / "framing.toml",
-        f"""
-        [[egress]]
-        name = "out"
-        listen = "127.0.0.1:{egress}"
-        upstream = "https://localhost:{tls_up.port}"
-        client_cert = "client.pem"
-        client_key = "client.key"
-        trust = "server-ca.pem"
+    for attempt in range(3):  # a free port can be taken (by another test's connection) first
+        egress, ingress = free_port(), free_port()
+        conf = write_config(
+            d / "framing.toml",
+            f"""
+            [[egress]]
+            name = "out"
+            listen = "127.0.0.1:{egress}"
+            upstream = "https://localhost:{tls_up.port}"
+            client_cert = "client.pem"
+            client_key = "client.key"
+            trust = "server-ca.pem"
 
-        [[ingress]]
-        name = "in"
-        listen = "127.0.0.1:{ingress}"
-        server_cert = "origin.pem"
-        server_key = "origin.key"
-        client_ca = "client-ca.pem"
-        upstream = "http://127.0.0.1:{plain_up.port}"
-        """,
-    )
-    sidecar = Sidecar(conf).start([("127.0.0.1", egress), ("127.0.0.1", ingress)])
+            [[ingress]]
+            name = "in"
+            listen = "127.0.0.1:{ingress}"
+            server_cert = "origin.pem"
+            server_key = "origin.key"
+            client_ca = "client-ca.pem"
+            upstream = "http://127.0.0.1:{plain_up.port}"
+            """,
+        )
+        try:
+            sidecar = Sidecar(conf).start([("127.0.0.1", egress), ("127.0.0.1", ingress)])
+            break
+        except RuntimeError as e:
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
     client = ssl.create_default_context(cafile=str(d / "server-ca.pem"))
     client.load_cert_chain(str(d / "client.pem"), str(d / "client.key"))
     try:

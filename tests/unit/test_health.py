@@ -272,7 +272,7 @@ def test_run_logs_checks_warnings_as_lines_naming_file_and_key(folder: Path) -> 
 
     path = conf(folder).read_text().replace('"127.0.0.1:18002"', '"0.0.0.0:18002"')
     (folder / "open.toml").write_text(path)
-    findings = audit.audit(cfg.load(folder / "open.toml"))
+    findings = audit.audit(cfg.load(folder / "open.toml"), T0)  # the 30 s certificate: still near
     with capturedLogs() as events:
         health.log_findings(findings)
     warned = {e["key"]: e for e in events if e["log_level"].name == "warn"}
