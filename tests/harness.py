@@ -239,6 +239,16 @@ def mtls_server(listen: str, cert: Path, key: Path, client_ca: Path, locations: 
 CLIENT_SUBJECT = "C=FR,O=Merchant,CN=TLSMA-ECDSA/MGW0000001/D1.PPR"
 
 
+def mtls_origin(d: Path, locations: str) -> tuple[Nginx, int]:
+    """nginx as the partner: mutual TLS on a free port, with the origin PKI origin_pki(d) wrote
+    (origin.pem/.key, client-ca.pem); started, with its port."""
+    port = free_port()
+    server = mtls_server(
+        f"127.0.0.1:{port}", d / "origin.pem", d / "origin.key", d / "client-ca.pem", locations
+    )
+    return Nginx(d / "nginx", server).start([("127.0.0.1", port)]), port
+
+
 def origin_pki(d: Path, dns: tuple[str, ...] = ("localhost",)) -> tuple[Issued, Issued]:
     """The usual egress test PKI in d: server-ca.pem, client-ca.pem, origin.{pem,key} for
     localhost/127.0.0.1, client.{pem,key} under D1's CN policy. Returns (server CA, client CA)."""

@@ -21,12 +21,11 @@ from tests.harness import (
     CLIENT_SUBJECT,
     PEERS,
     SIDECAR,
-    Nginx,
     Peer,
     Sidecar,
     curl,
     free_port,
-    mtls_server,
+    mtls_origin,
     origin_pki,
     running,
     write_config,
@@ -50,12 +49,7 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("degrade")
     _, client_ca = origin_pki(d)
-    origin = free_port()
-    nginx = Nginx(
-        d / "nginx",
-        mtls_server(f"127.0.0.1:{origin}", d / "origin.pem", d / "origin.key",
-                    d / "client-ca.pem", 'location / { return 200 "ok"; }'),
-    ).start([("127.0.0.1", origin)])  # fmt: skip
+    nginx, origin = mtls_origin(d, 'location / { return 200 "ok"; }')
     upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
     try:
         yield Env(d, origin, upstream, client_ca)

@@ -21,12 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import (
     PEERS,
-    Nginx,
     Peer,
     Sidecar,
     curl,
     free_port,
-    mtls_server,
+    mtls_origin,
     origin_pki,
     stop,
     wait_port,
@@ -71,13 +70,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     origin_pki(d)
     write_oauth_key(d)
     (d / "oauth.key").chmod(0o600)
-    origin = free_port()
-    nginx = Nginx(
-        d / "nginx",
-        mtls_server(f"127.0.0.1:{origin}", d / "origin.pem", d / "origin.key",
-                    d / "client-ca.pem", 'location /boom { return 502 "no"; }\n'
-                    'location / { return 200 "ok"; }'),
-    ).start([("127.0.0.1", origin)])  # fmt: skip
+    nginx, origin = mtls_origin(
+        d, 'location /boom { return 502 "no"; }\nlocation / { return 200 "ok"; }'
+    )
     upstream = tokens = sidecar = None
     try:
         upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()

@@ -17,12 +17,11 @@ from cryptography.hazmat.primitives import hashes
 from tests.harness import (
     PEERS,
     SIDECAR,
-    Nginx,
     Peer,
     Sidecar,
     curl,
     free_port,
-    mtls_server,
+    mtls_origin,
     origin_pki,
     running,
     write_config,
@@ -45,12 +44,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     origin_pki(d)
     write_oauth_key(d)
     (d / "oauth.key").chmod(0o600)
-    origin = free_port()
-    nginx = Nginx(
-        d / "nginx",
-        mtls_server(f"127.0.0.1:{origin}", d / "origin.pem", d / "origin.key",
-                    d / "client-ca.pem", 'location / { return 200 "ok"; }'),
-    ).start([("127.0.0.1", origin)])  # fmt: skip
+    nginx, origin = mtls_origin(d, 'location / { return 200 "ok"; }')
     upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
     try:
         yield Env(d, origin, upstream)

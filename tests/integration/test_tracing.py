@@ -17,12 +17,11 @@ import pytest
 
 from tests.harness import (
     PEERS,
-    Nginx,
     Peer,
     Sidecar,
     curl,
     free_port,
-    mtls_server,
+    mtls_origin,
     origin_pki,
     write_config,
 )
@@ -118,17 +117,13 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     d = tmp_path_factory.mktemp("tracing")
     origin_pki(d)
-    origin = free_port()
     # the partner: echoes what it received of the trace headers, and sends its own traceparent
-    nginx = Nginx(
-        d / "nginx",
-        mtls_server(
-            f"127.0.0.1:{origin}", d / "origin.pem", d / "origin.key", d / "client-ca.pem",
-            f'location / {{ add_header traceparent "{UPSTREAM_TRACEPARENT}" always;\n'
-            'add_header tracestate "up=1" always;\n'
-            'return 200 "tp=$http_traceparent|ts=$http_tracestate|cid=$http_x_correlation_id"; }',
-        ),
-    ).start([("127.0.0.1", origin)])  # fmt: skip
+    nginx, origin = mtls_origin(
+        d,
+        f'location / {{ add_header traceparent "{UPSTREAM_TRACEPARENT}" always;\n'
+        'add_header tracestate "up=1" always;\n'
+        'return 200 "tp=$http_traceparent|ts=$http_tracestate|cid=$http_x_correlation_id"; }',
+    )
     upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
     try:
         yield Env(d, origin, upstream)

@@ -19,12 +19,11 @@ import pytest
 
 from tests.harness import (
     PEERS,
-    Nginx,
     Peer,
     Sidecar,
     curl,
     free_port,
-    mtls_server,
+    mtls_origin,
     origin_pki,
     write_config,
     write_oauth_key,
@@ -131,13 +130,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     _, client_ca = origin_pki(d)
     write_oauth_key(d)
     (d / "oauth.key").chmod(0o600)
-    origin = free_port()
-    nginx = Nginx(
-        d / "nginx",
-        mtls_server(f"127.0.0.1:{origin}", d / "origin.pem", d / "origin.key",
-                    d / "client-ca.pem", 'location /reject { return 401 "no"; }\n'
-                    'location / { return 200 "$http_authorization"; }'),
-    ).start([("127.0.0.1", origin)])  # fmt: skip
+    nginx, origin = mtls_origin(
+        d, 'location /reject { return 401 "no"; }\nlocation / { return 200 "$http_authorization"; }'
+    )
     upstream = Peer([str(PEERS / "recording_upstream.py"), "--record", str(d / "seen")]).start()
     try:
         yield Env(d, origin, upstream, client_ca)
