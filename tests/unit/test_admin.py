@@ -67,3 +67,10 @@ def test_status_is_403_to_a_stranger_and_the_probes_are_not() -> None:
     assert b"/etc/secret/path.pem" in get(b"/status", "127.0.0.1")[1]
     for path in (b"/healthz", b"/readyz", b"/metrics"):
         assert get(path, "127.0.0.2")[0] == 200, path
+
+
+def test_the_status_page_at_root_is_behind_the_same_gate() -> None:
+    code, body = get(b"/", "127.0.0.2")
+    assert code == 403 and b"/etc/secret/path.pem" not in body
+    code, body = get(b"/", "127.0.0.1")
+    assert code == 200 and b"<html" in body.lower()
