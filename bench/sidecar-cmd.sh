@@ -7,6 +7,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 conf=$(mktemp -d)/bench.toml
 ACCESS_LOG=${ACCESS_LOG:-true}   # as users run it
 WORKERS=${WORKERS:-1}             # the harness exports 1, or 2 in its auto mode
+SERVICE_EXTRA=${SERVICE_EXTRA:-}  # more [service] lines, e.g. "malloc_trim_interval = 0"
 case ${1:?egress|ingress} in
   egress) cat >"$conf" <<CONF
 [log]
@@ -14,6 +15,7 @@ format = "json"
 access = $ACCESS_LOG
 [service]
 workers = $WORKERS
+$SERVICE_EXTRA
 [[egress]]
 name = "bench-egress"
 listen = "127.0.0.1:8080"
@@ -31,6 +33,7 @@ format = "json"
 access = $ACCESS_LOG
 [service]
 workers = $WORKERS
+$SERVICE_EXTRA
 [[ingress]]
 name = "bench-ingress"
 listen = "127.0.0.1:8443"
