@@ -105,7 +105,7 @@ class TLSConnection(Protocol):
         if not self.lost and conn is not None:
             if _DIRECT and not buffered(conn._into_ssl):
                 # nothing left to decrypt: the read could only raise OpenSSL's unexpected-EOF
-                # error (a traceback kept in a cycle with this frame), so its outcome directly
+                # error, read as a lost connection; that outcome, without the exception
                 if self.reason is None:
                     self.reason = Failure(error.ConnectionLost())
             else:
@@ -115,7 +115,10 @@ class TLSConnection(Protocol):
         self.connected = False
         why, self.reason = self.reason or reason, None
         self.wrappedProtocol.connectionLost(why)
-        self.conn = None  # the SSL object holds this protocol as app data: break the cycle
+        # break the cycles (the SSL object holds this as app data; the protocol holds this as
+        # its transport), as Twisted's wrappers do: the connection is freed by refcount alone
+        self.conn = None
+        self.wrappedProtocol = None
 
     # ---- TLS work
     def _handshake(self) -> None:

@@ -291,3 +291,63 @@ def test_idle_release_swaps_the_bios_and_the_connection_keeps_working(ctxs: Any)
     pair.pump.flush()
     assert pair.server_app.data.endswith(b"after")
     assert pair.client_app.data == b"reply"
+
+
+def test_a_renegotiation_is_refused_and_ends_the_session(tmp_path: Path) -> None:
+    """The server context's OP_NO_RENEGOTIATION answers a TLS 1.2 client's renegotiation with a
+    no_renegotiation alert: the transport sends it at once (no timer), no second handshake
+    runs, and the session ends with OpenSSL's words for it on the client."""
+    from proxy.tls import contexts
+
+    ca = make_ca()
+    write_ca(ca, tmp_path / "ca.pem")
+    cert, key = ca.issue("CN=localhost", dns=("localhost",), server=True).write(tmp_path, "s")
+    server = contexts._base_context(SSL.TLS_SERVER_METHOD, "generic")  # as every listener's
+    server.use_certificate_chain_file(str(cert))
+    server.use_privatekey_file(str(key))
+    client = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client.set_max_proto_version(SSL.TLS1_2_VERSION)
+    client.load_verify_locations(str(tmp_path / "ca.pem"))
+    client.set_verify(SSL.VERIFY_PEER)
+    pair = Pair((server, client))
+    pair.pump.flush()
+    conn: Any = pair.client.getHandle()
+    assert conn.renegotiate()
+    with pytest.raises(SSL.WantReadError):
+        conn.do_handshake()
+    pair.client._flush()  # the ClientHello of the renegotiation
+    pair.pump.flush()
+    assert pair.server_app.handshakes == 1
+    assert pair.server.lost and pair.client.lost
+    assert pair.client_app.lost is not None and pair.client_app.lost.check(SSL.Error)
+    assert "no renegotiation" in str(pair.client_app.lost.value)
+    pair.server.write(b"never")
+    pair.pump.flush()
+    assert pair.client_app.data == b""
+
+
+def test_tcp_lost_without_close_notify_is_a_lost_connection_and_frees_by_refcount(
+    ctxs: Any,
+) -> None:
+    """A peer gone without close_notify: the protocol hears ConnectionLost, as under Twisted's
+    TLS, and nothing of the connection is left in a reference cycle."""
+    import gc
+    import weakref
+
+    from twisted.internet.error import ConnectionLost
+
+    pair = Pair(ctxs)
+    pair.pump.flush()
+    gc.collect()
+    gc.disable()
+    try:
+        pair.server.connectionLost(Failure(ConnectionDone()))
+        app = pair.server_app
+        assert app.lost is not None and app.lost.check(ConnectionLost)
+        app.lost = None  # what the relay does with it: handled, then dropped
+        gone = weakref.ref(pair.server)
+        pair.server_io.protocol = None  # as the reactor's TCP connection drops it when lost
+        del pair, app
+        assert gone() is None
+    finally:
+        gc.enable()
