@@ -29,6 +29,7 @@ from proxy.telemetry.logs import AcceptErrors, AccessLog, RateLimitedLog, log_li
 from proxy.telemetry.metrics import Metrics, RouteStats
 from proxy.tls import contexts as tls
 from proxy.tls import pki, revocation
+from proxy.tls.transport import TLSFactory
 from proxy.wire.pool import Pool
 from proxy.wire.relay import DownstreamFactory
 from proxy.wire.resolver import DNSResolver
@@ -531,7 +532,7 @@ class Sidecar:
     def _factory(self, state: RouteState) -> Any:
         factory: Any = DownstreamFactory(state.route)
         if state.server_tls is not None:
-            factory = tls.tls_factory(state.server_tls, False, factory)
+            factory = TLSFactory(state.server_tls, False, factory)
         return factory
 
     def _open_listener(self, state: RouteState) -> Any:

@@ -20,7 +20,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7
 from OpenSSL import SSL, crypto
-from OpenSSL._util import ffi as _ssl_ffi
 from OpenSSL._util import lib as _ssl_lib
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -35,6 +34,7 @@ from zope.interface import implementer
 from proxy import config as cfg
 from proxy.tls import pki
 from proxy.tls.revocation import CRL_EXPIRED, REVOKED, CRLError, Revocation, read_crls
+from proxy.tls.transport import MEM_BIO_CALLS, buffered, swap_idle_bios
 
 # TLS 1.2: ECDHE with AEAD only; TLS 1.3 suites are all AEAD and left to OpenSSL's defaults.
 CIPHERS_TLS12 = b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:" + (
@@ -503,18 +503,9 @@ def verify_hostname_error(conn: SSL.Connection, name: str) -> str | None:
     return None
 
 
-_MEM_BIO_CALLS = all(
-    hasattr(_ssl_lib, name) for name in ("BIO_new", "BIO_s_mem", "BIO_free", "BIO_get_mem_data")
-) and hasattr(_ssl_lib, "SSL_set_bio")
-
-
-def _buffered(bio: Any) -> int:
-    """Bytes written to a memory BIO and not read yet."""
-    return int(_ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.NULL))
-
-
 class TLSProtocol(TLSMemoryBIOProtocol):
-    """Twisted's TLS over memory BIOs, with release_buffers() for connections gone idle."""
+    """Twisted's TLS over memory BIOs, with release_buffers() for connections gone idle; the
+    data path uses transport.TLSConnection, this the token request's and probe's connections."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Twisted's last read after TCP is gone, when nothing is left to read, can only raise
@@ -526,9 +517,9 @@ class TLSProtocol(TLSMemoryBIOProtocol):
         if (
             not self._lostTLSConnection
             and conn is not None
-            and _MEM_BIO_CALLS
+            and MEM_BIO_CALLS
             and into is not None
-            and not _buffered(into)
+            and not buffered(into)
         ):
             self._lostTLSConnection = True
             if self._reason is None:
@@ -536,29 +527,10 @@ class TLSProtocol(TLSMemoryBIOProtocol):
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def release_buffers(self) -> None:
-        """Give back the memory of the two memory BIOs between OpenSSL and the socket.
-
-        Each BIO's buffer grows to the largest burst it ever held (the handshake flights, a
-        request body read 64 KiB at a time, the 16 KiB records of a response) and never
-        shrinks; MODE_RELEASE_BUFFERS frees OpenSSL's own record buffers, not these. When both
-        are empty they are swapped for new ones, which allocate nothing until written to: an
-        idle connection then holds a few hundred bytes here instead of up to ~100 KiB."""
         conn = self._tlsConnection
         if conn is None or not self._handshakeDone or self._lostTLSConnection:
             return
-        into = getattr(conn, "_into_ssl", None)  # pyOpenSSL's BIOs: no public accessor
-        out = getattr(conn, "_from_ssl", None)
-        if not _MEM_BIO_CALLS or into is None or out is None or _buffered(into) or _buffered(out):
-            return
-        fresh_in = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
-        fresh_out = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
-        if fresh_in == _ssl_ffi.NULL or fresh_out == _ssl_ffi.NULL:
-            for bio in (fresh_in, fresh_out):
-                if bio != _ssl_ffi.NULL:
-                    _ssl_lib.BIO_free(bio)
-            return
-        _ssl_lib.SSL_set_bio(conn._ssl, fresh_in, fresh_out)  # frees the old pair
-        conn._into_ssl, conn._from_ssl = fresh_in, fresh_out
+        swap_idle_bios(conn)
 
 
 def tls_factory(creator: Any, is_client: bool, wrapped: Any) -> TLSMemoryBIOFactory:

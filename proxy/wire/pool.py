@@ -36,7 +36,8 @@ from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from proxy.tls.contexts import ClientTLS, PeerRejected, session_reused, tls_factory
+from proxy.tls.contexts import ClientTLS, PeerRejected, session_reused
+from proxy.tls.transport import TLSFactory
 from proxy.wire.http import ProxyError, tokens_of
 from proxy.wire.resolver import ResolveError, resolve
 from proxy.wire.tunnel import ProxyHop, Tunnel, TunnelError, unreachable_text
@@ -312,15 +313,13 @@ class UpstreamConnection(Protocol):
         self.transport.write(data)
 
     def close(self) -> None:
-        """Our close_notify, then TCP closes without waiting for the upstream's reply (the
-        producer is unregistered first: Twisted's TLS postpones its shutdown until it is);
-        the sweep aborts what is still open after close_grace."""
+        """Our close_notify, then FIN; the connection ends on the upstream's close_notify or
+        FIN (the producer is unregistered first: the shutdown waits until it is); the sweep
+        aborts what is still open after close_grace."""
         if self.connected and not self.closing:
             self.closing = True
             self.transport.unregisterProducer()
-            self.transport.loseConnection()
-            if self.raw is not None and self.raw is not self.transport:
-                self.raw.loseConnection()
+            self.transport.loseConnection()  # under TLS: close_notify, then FIN
             self.deadline = self.pool.clock.seconds() + self.pool.close_grace
 
     def abort(self) -> None:
@@ -543,7 +542,7 @@ class Pool:
         ready = conn.ready
         factory: Any = _Factory(conn)
         if self.tls is not None:
-            factory = tls_factory(self.tls, True, factory)
+            factory = TLSFactory(self.tls, True, factory)
         if hop is None:
             conn.connector = self.reactor.connectTCP(
                 address, self.port, factory, timeout=self.connect_timeout

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 import pytest
 
-from tests.harness import SIDECAR, write_config
+from tests.harness import SIDECAR, free_port, write_config
 from tests.pkifactory import DAY, NOW, make_ca, write_ca
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,12 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield d
 
 
-def egress(name: str, cert: str, key: str, extra: str = "", port: int = 18080) -> str:
+# a port nothing else binds (a fixed one collides with other tests' sidecars in a parallel run,
+# and check then warns it is in use)
+PORT = free_port()
+
+
+def egress(name: str, cert: str, key: str, extra: str = "", port: int = PORT) -> str:
     return f"""
     [[egress]]
     name = "{name}"

@@ -490,7 +490,10 @@ def test_clients_aborting_during_upstream_connect_leak_no_connection(env: Env) -
                     k: ing.metric("mtls_sidecar_upstream_connections", route="aborts", state=k)
                     for k in ("connecting", "active", "idle")
                 }
-                if states["connecting"] == 0 and established_to(origin.port) <= 8:
+                # a connection we closed is half-closed (FIN sent) until the origin answers or
+                # close_grace ends: no longer established, still a descriptor
+                settled = established_to(origin.port) <= 8 and fds(ing.pid) - base_fds <= 8
+                if states["connecting"] == 0 and settled:
                     break
                 time.sleep(0.5)
             left = established_to(origin.port)

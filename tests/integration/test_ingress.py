@@ -4,6 +4,7 @@ internal app. Certificates are made here; the sidecar trusts only the test's cli
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import shutil
@@ -536,3 +537,105 @@ def test_a_validated_bearer_token_is_removed_unless_forward_authorization(
     assert admitted.status == 200
     seen = headers_of(json.loads(admitted.body))
     assert seen.get("authorization") == ([f"Bearer {token}"] if forward else None)
+
+
+class _Interactive:
+    """openssl s_client driven line by line (-crlf: each line ends in CRLF), its output read
+    as it comes, so a command (K: a KeyUpdate, R: a renegotiation) lands between requests."""
+
+    REQUEST = "GET /merchant-gateways/MGW0000001/notify HTTP/1.1\nHost: localhost\n\n"
+
+    def __init__(self, env: Env, port: int, *args: str) -> None:
+        import threading
+
+        self.proc = subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-crlf",
+             "-servername", "localhost", "-cert", str(env.dir / "d1.pem"),
+             "-key", str(env.dir / "d1.key"), "-CAfile", str(env.dir / "server-ca.pem"), *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.out = b""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(65536):
+            self.out += chunk
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):  # s_client gone: what it said is the outcome
+            self.proc.stdin.write(text.encode())
+            self.proc.stdin.flush()
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.out.count(text.encode()) >= count:
+                return True
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                return self.out.count(text.encode()) >= count
+            time.sleep(0.02)
+        return False
+
+    def answered(self, count: int, timeout: float = 10.0) -> bool:
+        """`count` whole responses (head and Content-Length body) are in, so no record of
+        theirs is still on its way when a command follows."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            done, rest = 0, self.out
+            while (at := rest.find(b"HTTP/1.1 ")) >= 0 and b"\r\n\r\n" in rest[at:]:
+                head, _, body = rest[at:].partition(b"\r\n\r\n")
+                size = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(body) < size:
+                    break
+                done, rest = done + 1, body[size:]
+            if done >= count:
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.reader.join(timeout=5)
+
+
+def test_a_tls13_key_update_both_ways_keeps_the_connection_serving(env: Env, ingress: int) -> None:
+    """The client updates its keys and asks ours to follow (s_client's K): the requests before
+    and after both get their answer on the same connection."""
+    before = len(env.seen())
+    client = _Interactive(env, ingress, "-tls1_3")
+    try:
+        client.send(_Interactive.REQUEST)
+        assert client.answered(1), client.out.decode(errors="replace")
+        client.send("K\n")
+        assert client.wait_for("KEYUPDATE")
+        client.send(_Interactive.REQUEST)
+        assert client.answered(2), client.out.decode(errors="replace")
+        assert client.proc.poll() is None  # still connected
+    finally:
+        client.stop()
+    assert len(env.seen()) == before + 2
+
+
+def test_a_tls12_renegotiation_is_refused_with_openssls_alert_and_ends_the_session(
+    env: Env, ingress: int
+) -> None:
+    """s_client's R asks for a new handshake on the session: the listener's answer is the
+    no_renegotiation alert, and the client ends the session on it."""
+    before = len(env.seen())
+    client = _Interactive(env, ingress, "-tls1_2")
+    try:
+        client.send(_Interactive.REQUEST)
+        assert client.answered(1), client.out.decode(errors="replace")
+        client.send("R\n")
+        client.proc.wait(timeout=10)  # no second handshake: s_client exits on the alert
+        text = client.out.decode(errors="replace")
+        assert "RENEGOTIATING" in text
+        assert "ssl3_read_bytes:no renegotiation" in text
+    finally:
+        client.stop()
+    assert len(env.seen()) == before + 1

@@ -2,7 +2,8 @@
 connection of the sidecar gets it, and a failed check ends the connection before any
 application byte is written.
 
-In memory: a real OpenSSL server and Twisted's TLS (tls_factory) over iosim. The last tests
+In memory: a real OpenSSL server over iosim, the client on the data path's TLS (TLSFactory) and
+on Twisted's (tls_factory). The last tests
 read the source of proxy/ for every place that makes a client TLS connection.
 """
 
@@ -31,6 +32,7 @@ from proxy.tls.contexts import (
     client_context,
     tls_factory,
 )
+from proxy.tls.transport import TLSFactory
 from tests.pkifactory import make_ca, write_ca
 from tests.unit.test_oauth import URL, failure_of, oauth_settings
 
@@ -103,33 +105,42 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("client-tls"))
 
 
-def dial(pki: Pki, which: str, name: str, version: int) -> tuple[Server, Client]:
-    server_app, client_app = Server(), Client()
+def dial(
+    pki: Pki, which: str, name: str, version: int, layer: Any = TLSFactory
+) -> tuple[Server, Client]:
+    """The server on Twisted's TLS; the client on `layer`: the data path's TLSFactory or
+    Twisted's (tls_factory: the token request, probe)."""
     server_factory = tls_factory(
         _Server(pki.server_context(which, version)), False, Factory.forProtocol(Server)
     )
-    client_factory = tls_factory(ClientTLS(pki.material, name), True, Factory.forProtocol(Client))
-    server = server_factory.protocol(server_factory, server_app)
-    client = client_factory.protocol(client_factory, client_app)
+    client_factory = layer(ClientTLS(pki.material, name), True, Factory.forProtocol(Client))
+    server = server_factory.buildProtocol(None)
+    client = client_factory.buildProtocol(None)
+    apps = server.wrappedProtocol, client.wrappedProtocol  # (Twisted's drops them at the close)
     pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
     pump.flush()
-    return server_app, client_app
+    return apps
 
 
 VERSIONS = pytest.mark.parametrize(
     "version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION], ids=["tls12", "tls13"]
 )
+LAYERS = pytest.mark.parametrize("layer", [TLSFactory, tls_factory], ids=["ours", "twisted"])
 
 
 @VERSIONS
-def test_the_right_name_gets_the_request(pki: Pki, version: int) -> None:
-    server, client = dial(pki, "right", "localhost", version)
+@LAYERS
+def test_the_right_name_gets_the_request(pki: Pki, version: int, layer: Any) -> None:
+    server, client = dial(pki, "right", "localhost", version, layer)
     assert server.data == REQUEST and client.lost is None
 
 
 @VERSIONS
-def test_a_certificate_for_another_name_gets_no_application_byte(pki: Pki, version: int) -> None:
-    server, client = dial(pki, "elsewhere", "localhost", version)
+@LAYERS
+def test_a_certificate_for_another_name_gets_no_application_byte(
+    pki: Pki, version: int, layer: Any
+) -> None:
+    server, client = dial(pki, "elsewhere", "localhost", version, layer)
     assert server.data == b""
     assert client.lost is not None and isinstance(client.lost.value, PeerRejected)
     assert client.lost.value.check == "name"
@@ -139,8 +150,11 @@ def test_a_certificate_for_another_name_gets_no_application_byte(pki: Pki, versi
 
 
 @VERSIONS
-def test_an_untrusted_chain_says_which_check_and_which_file(pki: Pki, version: int) -> None:
-    server, client = dial(pki, "untrusted", "localhost", version)
+@LAYERS
+def test_an_untrusted_chain_says_which_check_and_which_file(
+    pki: Pki, version: int, layer: Any
+) -> None:
+    server, client = dial(pki, "untrusted", "localhost", version, layer)
     assert server.data == b""
     assert client.lost is not None and isinstance(client.lost.value, PeerRejected)
     rejected = client.lost.value
@@ -188,7 +202,7 @@ CLIENT_TLS_SITES = {
     # ClientTLS itself: its connection is the checking one
     ("tls/contexts.py", "ClientTLS.clientConnectionForTLS", "CheckedConnection"): "checking",
     # the data path (egress to the partner, ingress to an https upstream)
-    ("wire/pool.py", "Pool._dial", "tls_factory"): "ClientTLS (Pool.tls)",
+    ("wire/pool.py", "Pool._dial", "TLSFactory"): "ClientTLS (Pool.tls)",
     ("wire/tunnel.py", "TunnelEndpoint.connect", "tls_factory"): "ClientTLS (the token policy)",
     # the token request: twisted.web's Agent asks the policy for a creator per netloc
     ("oauth/glue.py", "_RoutePolicy.creatorForNetloc", "creatorForNetloc"): "ClientTLS",
@@ -213,8 +227,8 @@ CLIENT_TLS_SITES = {
     ("commands/demo.py", "_demo", "optionsForClientTLS"): "Twisted's (checks the name)",
 }
 
-# server side: the ingress listeners (Twisted's TLS around the relay, with ServerTLS)
-SERVER_SITES = {("ops/service.py", "Sidecar._factory", "tls_factory")}
+# server side: the ingress listeners (the data path's TLS around the relay, with ServerTLS)
+SERVER_SITES = {("ops/service.py", "Sidecar._factory", "TLSFactory")}
 
 _MARKERS = {
     "SSL.Connection": "SSL.Connection",
@@ -223,6 +237,7 @@ _MARKERS = {
     "tls.ClientTLS": "ClientTLS",
     "tls_factory": "tls_factory",
     "tls.tls_factory": "tls_factory",
+    "TLSFactory": "TLSFactory",
     "optionsForClientTLS": "optionsForClientTLS",
     "ssl.optionsForClientTLS": "optionsForClientTLS",
     "TLSMemoryBIOFactory": "TLSMemoryBIOFactory",

@@ -210,6 +210,10 @@ def test_configmap_config_passes_check_once_its_placeholders_are_filled(
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     report = json.loads(out.stdout)
-    findings = [f for f in report["findings"] if f["level"] != "info"]
+    # (a port of the manifest that something on this machine already binds is not the
+    # config's fault: check says so as a warning, left out here)
+    findings = [
+        f for f in report["findings"] if f["level"] != "info" and "in use (" not in f["message"]
+    ]
     assert out.returncode == 0 and report["ok"] is True, findings
     assert findings == []  # no error, and no warning either
