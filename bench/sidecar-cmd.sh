@@ -8,6 +8,7 @@ conf=$(mktemp -d)/bench.toml
 ACCESS_LOG=${ACCESS_LOG:-true}   # as users run it
 WORKERS=${WORKERS:-1}             # the harness exports 1, or 2 in its auto mode
 SERVICE_EXTRA=${SERVICE_EXTRA:-}  # more [service] lines, e.g. "malloc_trim_interval = 0"
+PROFILE=${PROFILE:-}              # a file: run under cProfile, its stats written there at exit
 case ${1:?egress|ingress} in
   egress) cat >"$conf" <<CONF
 [log]
@@ -45,4 +46,7 @@ max_connections = 4096
 CONF
   ;;
 esac
+if [[ -n $PROFILE ]]; then
+  exec "$here/.venv/bin/python" -m cProfile -o "$PROFILE" -m proxy.cli run -c "$conf"
+fi
 exec "$here/.venv/bin/mtls-sidecar" run -c "$conf"
