@@ -33,6 +33,8 @@ from proxy.wire.http import (
 from proxy.wire.pool import UpstreamConnection, forget_traceback, socket_of, unsent
 
 _NO_BODY_STATUS = frozenset({204, 304})
+# request fields on_headers_complete reads (the rest are only forwarded)
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"expect"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUFFER_HIGH = 64 * 1024
 LOCAL_BODY_LIMIT = 16 * 1024  # bodies answered by the sidecar itself are small forms
@@ -272,17 +274,19 @@ class Exchange:
         self.response_started = True
         self.status = status = up.status
         down = self.down
-        drop = HOP_BY_HOP | up.listed if up.listed else HOP_BY_HOP
+        listed = up.listed  # "Connection: keep-alive" lists nothing HOP_BY_HOP lacks
+        drop = HOP_BY_HOP if listed <= HOP_BY_HOP else HOP_BY_HOP | listed
         no_body = self.head.method == b"HEAD" or status in _NO_BODY_STATUS
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, up.reason or b"")]
         length: bytes | None = None
         chunked_in = False
         for lname, name, value in up.headers:
-            if lname == b"content-length":
-                length = value
-            elif lname == b"transfer-encoding":
-                chunked_in = True
-            elif lname not in drop and not lname.startswith(b"proxy-"):
+            if lname in drop:  # (Content-Length and Transfer-Encoding are in HOP_BY_HOP)
+                if lname == b"content-length":
+                    length = value
+                elif lname == b"transfer-encoding":
+                    chunked_in = True
+            elif not lname.startswith(b"proxy-"):
                 parts += (name, b": ", value, b"\r\n")
         if no_body:
             if length is not None:
@@ -653,14 +657,16 @@ class Downstream(Protocol):
         te: bytes | None = None
         expect = False
         for lname, _name, value in self.headers:
+            if lname not in _FRAMING:
+                continue
             if lname == b"content-length":
                 content_length = int(value)
             elif lname == b"transfer-encoding":
                 chunked = True
                 te = value
             elif lname == b"connection":
-                listed |= tokens_of(value)
-            elif lname == b"expect":
+                listed = listed | tokens_of(value) if listed else tokens_of(value)
+            else:
                 expect = True
         keep_alive = parser.should_keep_alive()
         head = RequestHead(
