@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 
 from proxy.config import IngressRoute as IngressConfig
 from proxy.routes.route import Route
+from proxy.telemetry.logs import fields
 from proxy.tls import identity
 from proxy.wire.http import HOP_BY_HOP, ProxyError, RequestHead
 from proxy.wire.pool import ssl_text
@@ -28,6 +29,11 @@ class Peer:
     allowed: bool
     headers: tuple[tuple[bytes, bytes], ...]
     serial: str = ""  # hex, for spans
+    # its member of every access line, encoded once
+    access: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "access", fields({"peer_subject": self.subject}))
 
 
 def handshake_reason(down: Downstream, reason: Failure) -> str:
@@ -197,9 +203,9 @@ class Ingress(Route):
             return [(b"WWW-Authenticate", b'Bearer realm="mtls-sidecar"')]
         return []
 
-    def access_fields(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
+    def access_extra(self, ex: Exchange, down: Downstream) -> str:
         peer: Peer | None = down.peer
-        return {"peer_subject": peer.subject} if peer is not None else {}
+        return peer.access if peer is not None else ""
 
     def span_attributes(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
         attributes = super().span_attributes(ex, down)
