@@ -9,6 +9,7 @@ functions by own time per request instead.
 
     .venv/bin/python bench/relay_cost.py            # N=20000 requests, best of ROUNDS=7
     PROFILE=1 .venv/bin/python bench/relay_cost.py
+    HEADS=app .venv/bin/python bench/relay_cost.py  # 9-field request heads instead of wrk's 1
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ REQUEST = {  # as wrk sends it, and as the harness's nginx adapter forwards it
     "egress": b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n",
     "ingress": b"GET / HTTP/1.1\r\nHost: proxy8443\r\n\r\n",
 }
+if os.environ.get("HEADS") == "app":  # heads as an app's HTTP client and a partner send them
+    REQUEST = {
+        "egress": b"POST /v1/cards HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+        b"User-Agent: python-requests/2.31.0\r\nAccept-Encoding: gzip, deflate\r\n"
+        b"Accept: */*\r\nConnection: keep-alive\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer abcdefghijklmnopqrstuvwxyz0123456789\r\n"
+        b"X-Request-Id: 1234567890abcdef\r\nContent-Length: 0\r\n\r\n",
+        "ingress": b"POST /v1/cards HTTP/1.1\r\nHost: proxy8443\r\nUser-Agent: partner/1.0\r\n"
+        b"Accept: application/json\r\nContent-Type: application/json\r\n"
+        b"X-Correlation-Id: abcdef0123456789\r\n"
+        b"Authorization: Bearer abcdefghijklmnopqrstuvwxyz0123456789\r\n"
+        b"Traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
+        b"Content-Length: 0\r\n\r\n",
+    }
 RESPONSE = (  # nginx's `return 200` with a 200-byte body
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 13:07:55 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 200\r\nConnection: keep-alive\r\n\r\n" + BODY

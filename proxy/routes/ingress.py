@@ -19,6 +19,7 @@ from proxy.wire.relay import Downstream, Exchange, LocalHandler
 PEER_CACHE_SIZE = 256
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"expect"})
 DROP = HOP_BY_HOP | FORWARDED
+_REFUSED_PREFIXES = (b"proxy-", identity.STRIPPED_PREFIX)
 
 
 @attrs.frozen
@@ -90,6 +91,8 @@ class Ingress(Route):
         oauth = config.oauth
         forward = oauth is None or oauth.forward_authorization
         self.drop = DROP if forward else DROP | {b"authorization"}
+        # never from the client: the above and the identity headers (see identity.py)
+        self.refused = self.drop | identity.STRIPPED_NAMES
 
     def handshake_completed(self, down: Downstream) -> None:
         conn = down.transport.getHandle()
@@ -175,13 +178,14 @@ class Ingress(Route):
             raise ProxyError(400, "bad_request", "request target must be origin-form (/path)")
         if self.token_endpoint is not None:
             self.token_endpoint.check(head)
-        drop = self.drop | head.listed if head.listed else self.drop
+        listed = head.listed
+        drop = self.refused if listed <= self.refused else self.refused | listed
         out: list[tuple[bytes, bytes]] = []
         hosts = 0
         for lname, name, value in head.headers:
             if lname == b"host":
                 hosts += 1
-            if lname in drop or lname.startswith(b"proxy-") or identity.is_identity_header(lname):
+            if lname in drop or lname.startswith(_REFUSED_PREFIXES):
                 continue
             out.append((name, value))
         # RFC 9112 3.2: exactly one Host in HTTP/1.1; two could route one way and log another

@@ -499,6 +499,7 @@ class Downstream(Protocol):
         self.url = b""
         self.headers: list[Header] = []
         self.header_bytes = 0
+        self.max_headers = route.limits.max_headers  # read per header field
         self.header_error: ProxyError | None = None
         self.peer: Any = None  # set by the route: e.g. the verified client certificate
         self.corked: list[bytes] | None = None
@@ -632,12 +633,13 @@ class Downstream(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value) + 4
-        if len(self.headers) >= self.route.limits.max_headers:
-            self.header_error = ProxyError(
-                431, "headers_too_large", f"more than {self.route.limits.max_headers} header fields"
-            )
+        headers = self.headers
+        if len(headers) < self.max_headers:
+            headers.append((name.lower(), name, value))
         else:
-            self.headers.append((name.lower(), name, value))
+            self.header_error = ProxyError(
+                431, "headers_too_large", f"more than {self.max_headers} header fields"
+            )
 
     def on_headers_complete(self) -> None:
         self.in_head = False
