@@ -83,7 +83,8 @@ class Egress(Route):
         target = head.target
         if not target.startswith(b"/"):
             target = self._absolute_form(target)
-        drop = self.drop | head.listed if head.listed else self.drop
+        listed = head.listed  # "Connection: keep-alive" lists nothing self.drop lacks
+        drop = self.drop if listed <= self.drop else self.drop | listed
         out: list[tuple[bytes, bytes]] = [(b"Host", self.host_header)]
         has_correlation = False
         hosts = 0

@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 
 from proxy.config import IngressRoute as IngressConfig
 from proxy.routes.route import Route
+from proxy.telemetry.logs import fields
 from proxy.tls import identity
 from proxy.wire.http import HOP_BY_HOP, ProxyError, RequestHead
 from proxy.wire.pool import ssl_text
@@ -18,6 +19,7 @@ from proxy.wire.relay import Downstream, Exchange, LocalHandler
 PEER_CACHE_SIZE = 256
 FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"forwarded", b"expect"})
 DROP = HOP_BY_HOP | FORWARDED
+_REFUSED_PREFIXES = (b"proxy-", identity.STRIPPED_PREFIX)
 
 
 @attrs.frozen
@@ -28,6 +30,11 @@ class Peer:
     allowed: bool
     headers: tuple[tuple[bytes, bytes], ...]
     serial: str = ""  # hex, for spans
+    # its member of every access line, encoded once
+    access: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "access", fields({"peer_subject": self.subject}))
 
 
 def handshake_reason(down: Downstream, reason: Failure) -> str:
@@ -84,6 +91,8 @@ class Ingress(Route):
         oauth = config.oauth
         forward = oauth is None or oauth.forward_authorization
         self.drop = DROP if forward else DROP | {b"authorization"}
+        # never from the client: the above and the identity headers (see identity.py)
+        self.refused = self.drop | identity.STRIPPED_NAMES
 
     def handshake_completed(self, down: Downstream) -> None:
         conn = down.transport.getHandle()
@@ -169,13 +178,14 @@ class Ingress(Route):
             raise ProxyError(400, "bad_request", "request target must be origin-form (/path)")
         if self.token_endpoint is not None:
             self.token_endpoint.check(head)
-        drop = self.drop | head.listed if head.listed else self.drop
+        listed = head.listed
+        drop = self.refused if listed <= self.refused else self.refused | listed
         out: list[tuple[bytes, bytes]] = []
         hosts = 0
         for lname, name, value in head.headers:
             if lname == b"host":
                 hosts += 1
-            if lname in drop or lname.startswith(b"proxy-") or identity.is_identity_header(lname):
+            if lname in drop or lname.startswith(_REFUSED_PREFIXES):
                 continue
             out.append((name, value))
         # RFC 9112 3.2: exactly one Host in HTTP/1.1; two could route one way and log another
@@ -197,9 +207,9 @@ class Ingress(Route):
             return [(b"WWW-Authenticate", b'Bearer realm="mtls-sidecar"')]
         return []
 
-    def access_fields(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
+    def access_extra(self, ex: Exchange, down: Downstream) -> str:
         peer: Peer | None = down.peer
-        return {"peer_subject": peer.subject} if peer is not None else {}
+        return peer.access if peer is not None else ""
 
     def span_attributes(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
         attributes = super().span_attributes(ex, down)

@@ -68,8 +68,9 @@ class Route:
     def handshake_completed(self, down: Downstream) -> None:
         pass
 
-    def access_fields(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
-        return {}
+    def access_extra(self, ex: Exchange, down: Downstream) -> str:
+        """The route's own members of an access line, encoded (see logs.fields); "" for none."""
+        return ""
 
     def span_attributes(self, ex: Exchange, down: Downstream) -> dict[str, Any]:
         """What a span says of an exchange: never a token, a query string or a body."""
@@ -201,27 +202,27 @@ class Route:
         trace_id = self._end_span(ex, down, now) if self.tracer is not None else None
         if self.access_log.enabled:
             head = ex.head
-            method = head.method.decode("latin-1")
-            path = head.target.split(b"?", 1)[0].decode("latin-1")
-            extra = self.access_fields(ex, down)
+            target = head.target
+            query = target.find(b"?")
+            extra = self.access_extra(ex, down)
             if ex.error is not None:
-                extra = {"error": ex.error.code, **extra}
+                extra = fields({"error": ex.error.code}) + extra
             if trace_id is None:
-                trace_id = trace_id_of(ex.head.get(TRACEPARENT))
+                trace_id = trace_id_of(head.get(TRACEPARENT))
             if trace_id is not None:
-                extra["trace_id"] = trace_id
+                extra += fields({"trace_id": trace_id})
             self.access_log.request(
                 now,
                 self._route_fields,
-                method,
-                path,
+                head.method.decode("latin-1"),
+                (target if query < 0 else target[:query]).decode("latin-1"),
                 status,
                 ex.bytes_out,
                 now - ex.started,
                 ex.up_address,
                 down.peer_host,
                 _correlation(ex).decode("latin-1"),
-                fields(extra) if extra else "",
+                extra,
             )
 
     # ---- time and lifecycle

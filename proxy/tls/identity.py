@@ -49,13 +49,13 @@ from proxy.subjects import SubjectPattern, hex_bytes
 
 FAMILIES = ("client-cert", "xfcc", "x-client")
 
-_STRIPPED_NAMES = frozenset((b"client-cert", b"client-cert-chain", b"x-forwarded-client-cert"))
-_STRIPPED_PREFIX = b"x-client-"
+STRIPPED_NAMES = frozenset((b"client-cert", b"client-cert-chain", b"x-forwarded-client-cert"))
+STRIPPED_PREFIX = b"x-client-"
 
 
 def is_identity_header(name: bytes) -> bool:
     """True for an identity header the peer must not set; ``name`` is already lower-case."""
-    return name in _STRIPPED_NAMES or name.startswith(_STRIPPED_PREFIX)
+    return name in STRIPPED_NAMES or name.startswith(STRIPPED_PREFIX)
 
 
 def identity_headers(

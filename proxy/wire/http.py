@@ -100,9 +100,17 @@ def reason_phrase(status: int) -> bytes:
         return b"Unknown"
 
 
+_TOKENS: dict[bytes, frozenset[bytes]] = {}  # a few Connection values, seen on every message
+
+
 def tokens_of(value: bytes) -> frozenset[bytes]:
     """The names a Connection header lists."""
-    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+    tokens = _TOKENS.get(value)
+    if tokens is None:
+        tokens = frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+        if len(value) <= 64 and len(_TOKENS) < 64:  # bounded, whatever peers send
+            _TOKENS[value] = tokens
+    return tokens
 
 
 def connection_tokens(headers: list[Header]) -> frozenset[bytes]:

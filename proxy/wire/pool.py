@@ -110,7 +110,9 @@ class UpstreamConnection(Protocol):
         self.connected = False
         self.in_head = False
         self.head_bytes = 0
+        self.head_size = 0  # the response head's fields so far, as on_headers_complete counts
         self.head_error: str | None = None
+        self.max_fields = pool.max_head_fields  # read per header field
         self.raw: Any = None  # the TCP descriptor under TLS, closed with it
         self.connector: Any = None
         self.backpressure: _Backpressure | None = None
@@ -256,27 +258,26 @@ class UpstreamConnection(Protocol):
         self.listed = _NOTHING
         self.in_head = True
         self.head_bytes = 0
+        self.head_size = 0
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_error is not None:
-            return
-        if len(self.headers) >= self.pool.max_head_fields:
-            self.head_error = f"more than {self.pool.max_head_fields} response header fields"
-            return
-        lname = name.lower()
-        if lname == b"connection":
-            self.listed |= tokens_of(value)
-        self.headers.append((lname, name, value))
+        headers = self.headers
+        if len(headers) < self.max_fields and self.head_error is None:
+            lname = name.lower()
+            if lname == b"connection":
+                self.listed = self.listed | tokens_of(value) if self.listed else tokens_of(value)
+            self.head_size += len(name) + len(value) + 4
+            headers.append((lname, name, value))
+        elif self.head_error is None:
+            self.head_error = f"more than {self.max_fields} response header fields"
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        if self.head_error is None:
-            size = len(self.reason) + sum(len(n) + len(v) + 4 for _l, n, v in self.headers)
-            if size > self.pool.max_head_bytes:
-                self.head_error = f"response head over {self.pool.max_head_bytes} bytes"
+        if self.head_error is None and len(self.reason) + self.head_size > self.pool.max_head_bytes:
+            self.head_error = f"response head over {self.pool.max_head_bytes} bytes"
         if self.head_error is not None:
             return  # answered 502 once feed_data returns; nothing of this head is forwarded
         self.status = self.parser.get_status_code()
@@ -570,8 +571,9 @@ class Pool:
             and now - conn.created < self.max_age
             and len(self.idle) < self.max_idle
         ):
-            for reason in list(conn.paused):
-                conn.resume(reason)
+            if conn.paused:
+                for reason in list(conn.paused):
+                    conn.resume(reason)
             conn.deadline = now + self.idle_timeout
             self.idle.append(conn)
         else:

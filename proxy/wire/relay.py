@@ -33,6 +33,8 @@ from proxy.wire.http import (
 from proxy.wire.pool import UpstreamConnection, forget_traceback, socket_of, unsent
 
 _NO_BODY_STATUS = frozenset({204, 304})
+# request fields on_headers_complete reads (the rest are only forwarded)
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"expect"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUFFER_HIGH = 64 * 1024
 LOCAL_BODY_LIMIT = 16 * 1024  # bodies answered by the sidecar itself are small forms
@@ -272,17 +274,19 @@ class Exchange:
         self.response_started = True
         self.status = status = up.status
         down = self.down
-        drop = HOP_BY_HOP | up.listed if up.listed else HOP_BY_HOP
+        listed = up.listed  # "Connection: keep-alive" lists nothing HOP_BY_HOP lacks
+        drop = HOP_BY_HOP if listed <= HOP_BY_HOP else HOP_BY_HOP | listed
         no_body = self.head.method == b"HEAD" or status in _NO_BODY_STATUS
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, up.reason or b"")]
         length: bytes | None = None
         chunked_in = False
         for lname, name, value in up.headers:
-            if lname == b"content-length":
-                length = value
-            elif lname == b"transfer-encoding":
-                chunked_in = True
-            elif lname not in drop and not lname.startswith(b"proxy-"):
+            if lname in drop:  # (Content-Length and Transfer-Encoding are in HOP_BY_HOP)
+                if lname == b"content-length":
+                    length = value
+                elif lname == b"transfer-encoding":
+                    chunked_in = True
+            elif not lname.startswith(b"proxy-"):
                 parts += (name, b": ", value, b"\r\n")
         if no_body:
             if length is not None:
@@ -495,6 +499,7 @@ class Downstream(Protocol):
         self.url = b""
         self.headers: list[Header] = []
         self.header_bytes = 0
+        self.max_headers = route.limits.max_headers  # read per header field
         self.header_error: ProxyError | None = None
         self.peer: Any = None  # set by the route: e.g. the verified client certificate
         self.corked: list[bytes] | None = None
@@ -628,12 +633,13 @@ class Downstream(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_bytes += len(name) + len(value) + 4
-        if len(self.headers) >= self.route.limits.max_headers:
-            self.header_error = ProxyError(
-                431, "headers_too_large", f"more than {self.route.limits.max_headers} header fields"
-            )
+        headers = self.headers
+        if len(headers) < self.max_headers:
+            headers.append((name.lower(), name, value))
         else:
-            self.headers.append((name.lower(), name, value))
+            self.header_error = ProxyError(
+                431, "headers_too_large", f"more than {self.max_headers} header fields"
+            )
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -653,14 +659,16 @@ class Downstream(Protocol):
         te: bytes | None = None
         expect = False
         for lname, _name, value in self.headers:
+            if lname not in _FRAMING:
+                continue
             if lname == b"content-length":
                 content_length = int(value)
             elif lname == b"transfer-encoding":
                 chunked = True
                 te = value
             elif lname == b"connection":
-                listed |= tokens_of(value)
-            elif lname == b"expect":
+                listed = listed | tokens_of(value) if listed else tokens_of(value)
+            else:
                 expect = True
         keep_alive = parser.should_keep_alive()
         head = RequestHead(

@@ -144,3 +144,20 @@ def test_lines_go_out_once_a_pipe_buf_is_collected_not_only_at_the_sweep() -> No
     written = stream.getvalue().splitlines()
     assert len(written) > 1000 - logs.PIPE_BUF // 150
     assert [json.loads(x)["path"] for x in written] == [f"/{i:04d}" for i in range(len(written))]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.floats(min_value=-1e7, max_value=1e7, allow_nan=False)
+    | st.floats(min_value=0, max_value=1.0, allow_nan=False)
+    | st.integers(0, 10**8).map(lambda n: n / 10**6)
+)
+def test_milliseconds_is_the_encoders_rounded_duration(seconds: float) -> None:
+    """duration_ms is written as json.dumps would write round(seconds * 1000, 3), the
+    fast way below 10^9 ms and that way itself past it."""
+    assert logs.milliseconds(seconds) == json.dumps(round(seconds * 1000, 3))
+
+
+def test_milliseconds_of_exact_halves_and_zeros() -> None:
+    for seconds in (0.0, -0.0, 0.0000005, 0.0015, 0.002675, 1.0, 123.4565, 2e6, -3e-7):
+        assert logs.milliseconds(seconds) == repr(round(seconds * 1000, 3))

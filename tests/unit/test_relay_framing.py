@@ -95,3 +95,16 @@ def test_a_queued_request_whose_body_is_bad_is_answered_400_and_never_dialled() 
     first, second = messages(rig.received())
     assert first.body == b"hello" and second.status == 400
     assert rig.client.disconnecting
+
+
+def test_connection_tokens_are_the_same_from_the_cache_and_the_cache_stays_small() -> None:
+    """tokens_of remembers a few short values; what peers send cannot grow it."""
+    from proxy.wire import http
+
+    assert http.tokens_of(b"keep-alive, X-Hint") == frozenset({b"keep-alive", b"x-hint"})
+    assert http.tokens_of(b"keep-alive, X-Hint") == frozenset({b"keep-alive", b"x-hint"})
+    for i in range(1000):
+        assert http.tokens_of(b"x-%d , Close" % i) == frozenset({b"x-%d" % i, b"close"})
+    long = b",".join(b"x-%d" % i for i in range(30))
+    assert len(http.tokens_of(long)) == 30
+    assert len(http._TOKENS) <= 64 and long not in http._TOKENS
