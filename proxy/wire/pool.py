@@ -268,7 +268,7 @@ class UpstreamConnection(Protocol):
         if len(headers) < self.max_fields and self.head_error is None:
             lname = name.lower()
             if lname == b"connection":
-                self.listed = self.listed | tokens_of(value) if self.listed else tokens_of(value)
+                self.listed = self.listed | tokens_of(value)
             self.head_size += len(name) + len(value) + 4
             headers.append((lname, name, value))
         elif self.head_error is None:

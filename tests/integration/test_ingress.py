@@ -603,14 +603,22 @@ class _Interactive:
         self.reader.join(timeout=5)
 
 
+def _after_one_answer(env: Env, port: int, version: str) -> _Interactive:
+    """s_client connected with `version`, one request sent and wholly answered."""
+    client = _Interactive(env, port, version)
+    client.send(_Interactive.REQUEST)
+    if not client.answered(1):
+        client.stop()
+        raise AssertionError(client.out.decode(errors="replace"))
+    return client
+
+
 def test_a_tls13_key_update_both_ways_keeps_the_connection_serving(env: Env, ingress: int) -> None:
     """The client updates its keys and asks ours to follow (s_client's K): the requests before
     and after both get their answer on the same connection."""
     before = len(env.seen())
-    client = _Interactive(env, ingress, "-tls1_3")
+    client = _after_one_answer(env, ingress, "-tls1_3")
     try:
-        client.send(_Interactive.REQUEST)
-        assert client.answered(1), client.out.decode(errors="replace")
         client.send("K\n")
         assert client.wait_for("KEYUPDATE")
         client.send(_Interactive.REQUEST)
@@ -627,10 +635,8 @@ def test_a_tls12_renegotiation_is_refused_with_openssls_alert_and_ends_the_sessi
     """s_client's R asks for a new handshake on the session: the listener's answer is the
     no_renegotiation alert, and the client ends the session on it."""
     before = len(env.seen())
-    client = _Interactive(env, ingress, "-tls1_2")
+    client = _after_one_answer(env, ingress, "-tls1_2")
     try:
-        client.send(_Interactive.REQUEST)
-        assert client.answered(1), client.out.decode(errors="replace")
         client.send("R\n")
         client.proc.wait(timeout=10)  # no second handshake: s_client exits on the alert
         text = client.out.decode(errors="replace")
