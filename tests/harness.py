@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -197,14 +198,17 @@ class Peer:
     port: int = 0
 
     def start(self) -> Peer:
-        self.proc = subprocess.Popen(
-            [sys.executable, *self.args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if not line.startswith("LISTENING"):
-            self.stop()
-            raise RuntimeError(f"peer {self.args[0]} did not start: {line!r}")
+        with tempfile.TemporaryFile() as errors:  # what the peer says if it fails to start
+            self.proc = subprocess.Popen(
+                [sys.executable, *self.args], stdout=subprocess.PIPE, stderr=errors
+            )  # (the peer keeps its own descriptor of it)
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline().decode()
+            if not line.startswith("LISTENING"):
+                self.stop()
+                errors.seek(0)
+                said = errors.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"peer {self.args[0]} did not start: {line!r}\n{said}")
         self.port = int(line.split()[1])
         return self
 
